@@ -1,0 +1,517 @@
+//! The gateway's configuration: built-in defaults ← TOML file ← `HOOKGATE_`
+//! environment (`__` nests: `HOOKGATE_DELIVERY__MODE=direct`).
+//!
+//! Parsed and checked once into typed values before any port is bound.
+//! Secrets are never in this file: it names where they are (an environment
+//! variable or a file), and [`Config::secrets`] reads them.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use serde::{Deserialize, Deserializer};
+
+use crate::verify::Secret;
+
+/// A secret shorter than this still works, with a warning: the vendor
+/// issues the secret, so refusing it would only block the integration.
+pub const SHORT_SECRET: usize = 16;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub admin: AdminConfig,
+    pub verify: VerifyConfig,
+    pub rules: RulesConfig,
+    pub delivery: DeliveryConfig,
+    pub spool: SpoolConfig,
+    pub dedupe: DedupeConfig,
+    pub shutdown: ShutdownConfig,
+    pub log: LogConfig,
+    pub metrics: MetricsConfig,
+    /// Where the file was read from: relative paths in it resolve against
+    /// its directory.
+    #[serde(skip)]
+    pub source: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub path: String,
+    pub max_body_bytes: ByteSize,
+    /// A client must send its request headers within this time.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// ... and its whole body within this time.
+    #[serde(with = "humantime_serde")]
+    pub body_read_timeout: Duration,
+    /// Open connections beyond this wait in the listen backlog.
+    pub max_connections: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    /// The environment variable holding the bearer token for admin POSTs.
+    pub token_env: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct VerifyConfig {
+    pub secrets: Vec<SecretSource>,
+    pub required: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretSource {
+    pub name: String,
+    pub env: Option<String>,
+    pub file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RulesConfig {
+    pub file: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Durable,
+    Direct,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DeliveryConfig {
+    pub mode: Mode,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    pub max_attempts: u32,
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    #[serde(with = "humantime_serde")]
+    pub backoff_initial: Duration,
+    #[serde(with = "humantime_serde")]
+    pub backoff_max: Duration,
+    pub concurrency: usize,
+    /// Direct mode: how long one webhook request may spend on all its
+    /// attempts before the sender is told to retry (502/504).
+    #[serde(with = "humantime_serde")]
+    pub direct_deadline: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SpoolConfig {
+    pub path: PathBuf,
+    pub max_bytes: ByteSize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DedupeConfig {
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShutdownConfig {
+    #[serde(with = "humantime_serde")]
+    pub grace: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// JSON when stderr is not a terminal, text when it is.
+    Auto,
+    Json,
+    Text,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A `tracing` filter; `RUST_LOG` wins when set.
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Category names that get their own `category` label value, on top of
+    /// the built-in ones; any other name is counted as `other`.
+    pub categories: Vec<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            server: ServerConfig::default(),
+            admin: AdminConfig::default(),
+            verify: VerifyConfig::default(),
+            rules: RulesConfig::default(),
+            delivery: DeliveryConfig::default(),
+            spool: SpoolConfig::default(),
+            dedupe: DedupeConfig::default(),
+            shutdown: ShutdownConfig::default(),
+            log: LogConfig::default(),
+            metrics: MetricsConfig::default(),
+            source: PathBuf::new(),
+        }
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            path: "/results".into(),
+            max_body_bytes: ByteSize(1 << 20),
+            header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(30),
+            max_connections: 4096,
+        }
+    }
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 9090)),
+            token_env: None,
+        }
+    }
+}
+
+impl Default for VerifyConfig {
+    fn default() -> Self {
+        Self {
+            secrets: Vec::new(),
+            required: true,
+        }
+    }
+}
+
+impl Default for RulesConfig {
+    fn default() -> Self {
+        Self {
+            file: "rules.toml".into(),
+        }
+    }
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        Self {
+            mode: Mode::Durable,
+            timeout: Duration::from_secs(10),
+            max_attempts: 50,
+            max_age: Duration::from_secs(72 * 3600),
+            backoff_initial: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(3600),
+            concurrency: 64,
+            direct_deadline: Duration::from_secs(25),
+        }
+    }
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        Self {
+            path: "data/spool".into(),
+            max_bytes: ByteSize(1 << 30),
+        }
+    }
+}
+
+impl Default for DedupeConfig {
+    fn default() -> Self {
+        Self {
+            window: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        Self {
+            grace: Duration::from_secs(20),
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Auto,
+            level: "info".into(),
+        }
+    }
+}
+
+/// A configuration problem, naming the file and the field.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {message}")]
+    Invalid { path: String, message: String },
+    #[error("{path}: verify.secrets[{index}] ({name:?}): {message}")]
+    Secret {
+        path: String,
+        index: usize,
+        name: String,
+        message: String,
+    },
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.display().to_string(),
+            message,
+        };
+        if !path.is_file() {
+            return Err(invalid(
+                "the config file does not exist or is not a file".into(),
+            ));
+        }
+        let mut config: Config = Figment::new()
+            .merge(Toml::file_exact(path))
+            .merge(
+                Env::prefixed("HOOKGATE_")
+                    .filter(|key| key.as_str().contains("__"))
+                    .split("__"),
+            )
+            .extract()
+            .map_err(|e| invalid(one_line(&e)))?;
+        config.source = path.to_owned();
+        config.validate().map_err(invalid)?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let d = &self.delivery;
+        let checks: [(bool, &str); 9] = [
+            (
+                self.server.path.starts_with('/'),
+                "server.path must start with /",
+            ),
+            (
+                self.server.max_body_bytes.0 > 0,
+                "server.max_body_bytes must be more than 0",
+            ),
+            (
+                self.server.max_connections > 0,
+                "server.max_connections must be at least 1",
+            ),
+            (
+                !d.timeout.is_zero(),
+                "delivery.timeout must be more than 0s",
+            ),
+            (
+                d.max_attempts > 0,
+                "delivery.max_attempts must be at least 1",
+            ),
+            (d.concurrency > 0, "delivery.concurrency must be at least 1"),
+            (
+                !d.backoff_initial.is_zero() && d.backoff_initial <= d.backoff_max,
+                "delivery.backoff_initial must be more than 0s and at most delivery.backoff_max",
+            ),
+            (
+                !d.direct_deadline.is_zero(),
+                "delivery.direct_deadline must be more than 0s",
+            ),
+            (
+                self.server.listen != self.admin.listen,
+                "server.listen and admin.listen must differ",
+            ),
+        ];
+        for (ok, message) in checks {
+            if !ok {
+                return Err(message.into());
+            }
+        }
+        for (i, s) in self.verify.secrets.iter().enumerate() {
+            if s.env.is_some() == s.file.is_some() {
+                return Err(format!(
+                    "verify.secrets[{i}] ({:?}) must have exactly one of `env` or `file`",
+                    s.name
+                ));
+            }
+            if self.verify.secrets[..i].iter().any(|o| o.name == s.name) {
+                return Err(format!(
+                    "verify.secrets[{i}]: the name {:?} is used twice",
+                    s.name
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The rules file, relative to the config file's directory.
+    pub fn rules_path(&self) -> PathBuf {
+        let dir = self.source.parent().unwrap_or(Path::new(""));
+        dir.join(&self.rules.file)
+    }
+
+    /// Reads every configured secret. An absent or empty one is an error:
+    /// starting with fewer secrets than configured would reject real traffic.
+    /// Returns the secrets and warnings (short secrets).
+    pub fn secrets(&self) -> Result<(Vec<Secret>, Vec<String>), ConfigError> {
+        let mut secrets = Vec::new();
+        let mut warnings = Vec::new();
+        for (index, source) in self.verify.secrets.iter().enumerate() {
+            let fail = |message: String| ConfigError::Secret {
+                path: self.source.display().to_string(),
+                index,
+                name: source.name.clone(),
+                message,
+            };
+            let key = match (&source.env, &source.file) {
+                (Some(var), _) => std::env::var_os(var)
+                    .ok_or_else(|| fail(format!("the environment variable {var} is not set")))?
+                    .into_encoded_bytes(),
+                (None, Some(file)) => {
+                    let path = self.source.parent().unwrap_or(Path::new("")).join(file);
+                    let mut bytes = std::fs::read(&path)
+                        .map_err(|e| fail(format!("cannot read {}: {e}", path.display())))?;
+                    // Secret files written by editors or `echo` end in a newline
+                    // the sender does not use.
+                    while bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+                        bytes.pop();
+                    }
+                    bytes
+                }
+                (None, None) => return Err(fail("no `env` or `file`".into())),
+            };
+            if key.is_empty() {
+                return Err(fail("the secret is empty".into()));
+            }
+            if key.len() < SHORT_SECRET {
+                warnings.push(format!(
+                    "secret {:?} is {} bytes; the vendor's secrets are normally at least {SHORT_SECRET}",
+                    source.name,
+                    key.len()
+                ));
+            }
+            secrets.push(Secret::new(source.name.clone(), &key));
+        }
+        if secrets.is_empty() && self.verify.required {
+            return Err(ConfigError::Invalid {
+                path: self.source.display().to_string(),
+                message: "no verify.secrets configured: refusing to accept unsigned webhooks (set verify.required = false to run without verification)".into(),
+            });
+        }
+        Ok((secrets, warnings))
+    }
+
+    /// The admin bearer token, if one is configured and set.
+    pub fn admin_token(&self) -> Result<Option<String>, ConfigError> {
+        let Some(var) = &self.admin.token_env else {
+            return Ok(None);
+        };
+        match std::env::var(var) {
+            Ok(token) if !token.is_empty() => Ok(Some(token)),
+            _ => Err(ConfigError::Invalid {
+                path: self.source.display().to_string(),
+                message: format!("admin.token_env names {var}, which is not set or empty"),
+            }),
+        }
+    }
+}
+
+/// figment's messages can span lines; the CLI prints one.
+fn one_line(e: &figment::Error) -> String {
+    e.to_string().lines().collect::<Vec<_>>().join("; ")
+}
+
+/// A size such as `1048576`, `"512KiB"`, `"10MB"` or `"1GiB"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (digits, unit) = s.split_at(split);
+        let n: u64 = digits
+            .parse()
+            .map_err(|_| format!("{s:?} is not a size such as \"64MiB\""))?;
+        let mult: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "KB" => 1_000,
+            "KiB" => 1 << 10,
+            "MB" => 1_000_000,
+            "MiB" => 1 << 20,
+            "GB" => 1_000_000_000,
+            "GiB" => 1 << 30,
+            other => {
+                return Err(format!(
+                    "unknown size unit {other:?}; use B, KB, KiB, MB, MiB, GB or GiB"
+                ));
+            }
+        };
+        n.checked_mul(mult)
+            .map(ByteSize)
+            .ok_or_else(|| format!("{s:?} is too large"))
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} bytes", self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Number(n) => Ok(ByteSize(n)),
+            Raw::Text(s) => ByteSize::parse(&s).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        let cases = [
+            ("1024", Ok(1024)),
+            ("64KiB", Ok(65536)),
+            ("10MB", Ok(10_000_000)),
+            ("1GiB", Ok(1 << 30)),
+            ("1 GiB", Ok(1 << 30)),
+            ("1TB", Err(())),
+            ("GiB", Err(())),
+        ];
+        for (text, want) in cases {
+            assert_eq!(
+                ByteSize::parse(text).map(|b| b.0).map_err(|_| ()),
+                want,
+                "{text}"
+            );
+        }
+    }
+}

@@ -1,0 +1,331 @@
+//! Sending a job to a destination: one HTTP attempt, classified, and the
+//! retry loop around it.
+//!
+//! One pooled client serves every destination. Redirects are never
+//! followed (a downstream must not be able to point hookgate elsewhere),
+//! and a response body is read only as far as needed to reuse the
+//! connection, never buffered whole.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, RETRY_AFTER};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use reqwest::Url;
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+
+use crate::backoff::{self, Backoff};
+use crate::config::DeliveryConfig;
+use crate::metrics::Metrics;
+use crate::rules::{Destination, DestinationName, Route};
+use crate::verify::Verified;
+
+pub const HEADER_RULE: HeaderName = HeaderName::from_static("x-hookgate-rule");
+pub const HEADER_JOB_ID: HeaderName = HeaderName::from_static("x-hookgate-job-id");
+pub const HEADER_SIGNATURE: HeaderName = HeaderName::from_static("x-hub-signature-256");
+
+/// How much of a response body is read (and discarded) so that the
+/// connection can go back to the pool; a longer body closes it instead.
+const DRAIN_LIMIT: usize = 64 * 1024;
+
+/// One job on its way to one destination, with every header it will carry.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub destination: DestinationName,
+    pub url: Url,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Delivery {
+    pub fn new(verified: &Verified, job_id: &str, route: &Route<'_>, url: Url) -> Self {
+        let mut headers = HeaderMap::with_capacity(8);
+        for (name, value) in route.headers() {
+            headers.insert(name.clone(), value.clone());
+        }
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if let Some(signature) = verified.signature() {
+            headers.insert(HEADER_SIGNATURE, signature.clone());
+        }
+        // Rule names and job ids are checked to be header-safe when they
+        // are read; the fallback only keeps this path panic-free.
+        if let Ok(rule) = HeaderValue::from_str(route.rule.name.as_str()) {
+            headers.insert(HEADER_RULE, rule);
+        }
+        if let Ok(id) = HeaderValue::from_str(job_id) {
+            headers.insert(HEADER_JOB_ID, id);
+        }
+        Self {
+            destination: route.destination.name.clone(),
+            url,
+            headers,
+            body: verified.body().clone(),
+        }
+    }
+}
+
+/// Limits for one destination: its own overrides, else the defaults.
+#[derive(Debug, Clone, Copy)]
+pub struct Policy {
+    pub timeout: Duration,
+    pub max_attempts: u32,
+    pub concurrency: usize,
+}
+
+/// What one attempt came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Delivered(StatusCode),
+    /// A status that will not change on retry: 3xx (not followed) or a 4xx
+    /// other than 408 and 429.
+    Refused(StatusCode),
+    /// 408, 429 or 5xx, with the downstream's `Retry-After` if it sent one.
+    Failed {
+        status: StatusCode,
+        retry_after: Option<Duration>,
+    },
+    Timeout,
+    Connect(String),
+}
+
+impl Outcome {
+    fn from_status(status: StatusCode, headers: &HeaderMap) -> Self {
+        if status.is_success() {
+            return Self::Delivered(status);
+        }
+        let retryable = status.is_server_error()
+            || status == StatusCode::REQUEST_TIMEOUT
+            || status == StatusCode::TOO_MANY_REQUESTS;
+        if retryable {
+            Self::Failed {
+                status,
+                retry_after: headers
+                    .get(RETRY_AFTER)
+                    .and_then(|v| backoff::retry_after(v, SystemTime::now())),
+            }
+        } else {
+            Self::Refused(status)
+        }
+    }
+
+    pub fn is_retryable(&self) -> bool {
+        !matches!(self, Self::Delivered(_) | Self::Refused(_))
+    }
+
+    /// The `outcome` label of `hookgate_forward_attempts_total`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Delivered(_) => "success",
+            Self::Refused(s) | Self::Failed { status: s, .. } if s.is_redirection() => "http_3xx",
+            Self::Refused(s) | Self::Failed { status: s, .. } if s.is_server_error() => "http_5xx",
+            Self::Refused(_) | Self::Failed { .. } => "http_4xx",
+            Self::Timeout => "timeout",
+            Self::Connect(_) => "connect_error",
+        }
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Failed { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Delivered(s) => write!(f, "delivered ({s})"),
+            Self::Refused(s) => write!(f, "refused with {s}, not retried"),
+            Self::Failed { status, .. } => write!(f, "failed with {status}"),
+            Self::Timeout => f.write_str("timed out"),
+            Self::Connect(e) => write!(f, "connection failed: {e}"),
+        }
+    }
+}
+
+pub struct Forwarder {
+    client: reqwest::Client,
+    defaults: Policy,
+    backoff: Backoff,
+    metrics: Arc<Metrics>,
+    limits: Mutex<HashMap<DestinationName, Arc<Semaphore>>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot build the HTTP client: {0}")]
+pub struct ClientError(#[from] reqwest::Error);
+
+impl Forwarder {
+    pub fn new(config: &DeliveryConfig, metrics: Arc<Metrics>) -> Result<Self, ClientError> {
+        // reqwest is built without a default TLS provider so that ring
+        // (small, quick to build) is used; installing twice is harmless.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(config.timeout)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .tcp_nodelay(true)
+            .user_agent(concat!("hookgate/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(Self {
+            client,
+            defaults: Policy {
+                timeout: config.timeout,
+                max_attempts: config.max_attempts,
+                concurrency: config.concurrency,
+            },
+            backoff: Backoff {
+                initial: config.backoff_initial,
+                max: config.backoff_max,
+            },
+            metrics,
+            limits: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn policy(&self, destination: &Destination) -> Policy {
+        Policy {
+            timeout: destination.timeout.unwrap_or(self.defaults.timeout),
+            max_attempts: destination
+                .max_attempts
+                .unwrap_or(self.defaults.max_attempts),
+            concurrency: destination.concurrency.unwrap_or(self.defaults.concurrency),
+        }
+    }
+
+    fn limit(&self, destination: &DestinationName, concurrency: usize) -> Arc<Semaphore> {
+        let mut limits = self.limits.lock().unwrap_or_else(|p| p.into_inner());
+        limits
+            .entry(destination.clone())
+            .or_insert_with(|| Arc::new(Semaphore::new(concurrency)))
+            .clone()
+    }
+
+    /// One HTTP attempt, counted and timed.
+    pub async fn attempt(&self, delivery: &Delivery, timeout: Duration) -> Outcome {
+        let started = Instant::now();
+        let request = self
+            .client
+            .post(delivery.url.clone())
+            .headers(delivery.headers.clone())
+            .body(delivery.body.clone());
+        let outcome = match tokio::time::timeout(timeout, send(request)).await {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(e)) if e.is_timeout() => Outcome::Timeout,
+            Ok(Err(e)) => Outcome::Connect(error_chain(&e)),
+            Err(_) => Outcome::Timeout,
+        };
+        let name = delivery.destination.as_str();
+        self.metrics
+            .forward_duration
+            .with_label_values(&[name])
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .forward_attempts
+            .with_label_values(&[name, outcome.label()])
+            .inc();
+        outcome
+    }
+
+    /// Direct mode: attempts with backoff until delivered, refused, out of
+    /// attempts, or out of time (`deadline`, the webhook request's budget).
+    pub async fn deliver_before(
+        &self,
+        delivery: &Delivery,
+        policy: Policy,
+        deadline: Instant,
+    ) -> Result<(), Outcome> {
+        let limit = self.limit(&delivery.destination, policy.concurrency);
+        let _permit = match tokio::time::timeout_at(deadline, limit.acquire_owned()).await {
+            Ok(Ok(permit)) => permit,
+            _ => return Err(Outcome::Timeout),
+        };
+        let mut attempt = 1;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Outcome::Timeout);
+            }
+            let outcome = self.attempt(delivery, policy.timeout.min(left)).await;
+            if let Outcome::Delivered(_) = outcome {
+                self.metrics
+                    .deliveries
+                    .with_label_values(&[delivery.destination.as_str(), "delivered"])
+                    .inc();
+                return Ok(());
+            }
+            if !outcome.is_retryable() || attempt >= policy.max_attempts {
+                return Err(outcome);
+            }
+            let wait = self
+                .backoff
+                .next(attempt, outcome.retry_after(), fastrand::f64());
+            if Instant::now() + wait >= deadline {
+                return Err(outcome);
+            }
+            tracing::debug!(destination = %delivery.destination, attempt, %outcome, ?wait, "retrying");
+            tokio::time::sleep(wait).await;
+            attempt += 1;
+        }
+    }
+}
+
+async fn send(request: reqwest::RequestBuilder) -> Result<Outcome, reqwest::Error> {
+    let mut response = request.send().await?;
+    let outcome = Outcome::from_status(response.status(), response.headers());
+    let mut read = 0;
+    while read <= DRAIN_LIMIT {
+        match response.chunk().await {
+            Ok(Some(chunk)) => read += chunk.len(),
+            // The status is what counts; a body cut short only costs the
+            // connection its place in the pool.
+            Ok(None) | Err(_) => break,
+        }
+    }
+    Ok(outcome)
+}
+
+/// reqwest's top-level message is generic ("error sending request"); the
+/// cause is what an operator needs (refused, reset, no such host).
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classification() {
+        let retry = HeaderMap::from_iter([(RETRY_AFTER, HeaderValue::from_static("2"))]);
+        let none = HeaderMap::new();
+        let cases = [
+            (200, &none, "success", false),
+            (204, &none, "success", false),
+            (301, &none, "http_3xx", false),
+            (400, &none, "http_4xx", false),
+            (404, &none, "http_4xx", false),
+            (408, &none, "http_4xx", true),
+            (429, &retry, "http_4xx", true),
+            (500, &none, "http_5xx", true),
+            (503, &retry, "http_5xx", true),
+        ];
+        for (code, headers, label, retryable) in cases {
+            let o = Outcome::from_status(StatusCode::from_u16(code).unwrap(), headers);
+            assert_eq!((o.label(), o.is_retryable()), (label, retryable), "{code}");
+        }
+        let o = Outcome::from_status(StatusCode::SERVICE_UNAVAILABLE, &retry);
+        assert_eq!(o.retry_after(), Some(Duration::from_secs(2)));
+    }
+}

@@ -1,0 +1,187 @@
+//! hookgate: a webhook forwarding gateway for content-moderation callbacks.
+//!
+//! # Layout
+//!
+//! A webhook flows through the modules in one direction:
+//!
+//! - [`config`]: the gateway file (defaults ← TOML ← `HOOKGATE_` env), typed
+//!   and checked once.
+//! - [`verify`]: the HMAC signature over the raw bytes; makes the
+//!   [`verify::Verified`] body that everything after it requires.
+//! - [`job`]: the moderation result, parsed from a verified body without
+//!   copying.
+//! - [`query`]: the customer's callback query parameters.
+//! - [`rules`]: pure routing, a job and its query in, a
+//!   [`rules::Decision`] out; also reads and checks `rules.toml`.
+//! - [`deliver`]: HTTP attempts to destinations, classified and retried
+//!   with [`backoff`].
+//! - [`metrics`]: the Prometheus registry everything above reports to.
+//! - [`gateway`]: the pipeline for one webhook, and the answer it gets.
+//! - [`server`]: the thin HTTP layer (warp on hyper) for both ports.
+//! - [`tools`]: the operator commands (`check`, `route`, `sign`, `send`,
+//!   `listen`).
+//!
+//! [`run`] wires them together; `main.rs` only parses the command line.
+
+pub mod backoff;
+pub mod config;
+pub mod deliver;
+pub mod gateway;
+pub mod job;
+pub mod metrics;
+pub mod query;
+pub mod rules;
+pub mod server;
+pub mod tools;
+pub mod verify;
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Config, ConfigError};
+use crate::deliver::{ClientError, Forwarder};
+use crate::gateway::Gateway;
+use crate::metrics::Metrics;
+use crate::rules::{LoadError, RuleSet};
+use crate::server::{AdminState, ConnLimits};
+use crate::verify::Verifier;
+
+/// The two ports, bound by the caller (tests bind port 0).
+pub struct Listeners {
+    pub webhook: std::net::TcpListener,
+    pub admin: std::net::TcpListener,
+}
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Rules(#[from] LoadError),
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("cannot use the listening socket: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Runs the gateway until `shutdown` is cancelled, then drains: readiness
+/// turns 503, new webhooks get 503, webhooks in flight finish (for up to
+/// `shutdown.grace`), and the function returns.
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    if config.delivery.mode == config::Mode::Durable {
+        return Err(Error::Unsupported(format!(
+            "{}: delivery.mode = \"durable\" is not available in this build; set delivery.mode = \"direct\"",
+            config.source.display()
+        )));
+    }
+    let (secrets, warnings) = config.secrets()?;
+    for warning in warnings {
+        tracing::warn!("{warning}");
+    }
+    if secrets.is_empty() {
+        tracing::warn!(
+            "verify.required = false and no secrets: webhooks are accepted without any signature check"
+        );
+    }
+    let rules = RuleSet::load(&config.rules_path())?;
+    let secret_names: Vec<&str> = secrets.iter().map(|s| s.name()).collect();
+    let metrics = Arc::new(Metrics::new(&config.metrics.categories, &secret_names));
+    metrics.track(&rules);
+    metrics.reloads.with_label_values(&["success"]).inc();
+    metrics.last_reload_successful.set(1);
+    metrics.last_reload_success_timestamp.set(unix_now());
+    tracing::info!(
+        rules = rules.rules.len(),
+        destinations = rules.destinations.len(),
+        file = %config.rules_path().display(),
+        "rules loaded"
+    );
+    let (_rules_tx, rules_rx) = watch::channel(Arc::new(rules));
+
+    let draining = CancellationToken::new();
+    let in_flight = TaskTracker::new();
+    let forwarder = Forwarder::new(&config.delivery, metrics.clone())?;
+    let gateway = Arc::new(Gateway::new(
+        Verifier::new(secrets),
+        rules_rx,
+        forwarder,
+        metrics.clone(),
+        config.delivery.clone(),
+        draining.clone(),
+    ));
+
+    listeners.webhook.set_nonblocking(true)?;
+    listeners.admin.set_nonblocking(true)?;
+    let webhook_listener = tokio::net::TcpListener::from_std(listeners.webhook)?;
+    let admin_listener = tokio::net::TcpListener::from_std(listeners.admin)?;
+    tracing::info!(
+        webhook = %webhook_listener.local_addr()?,
+        admin = %admin_listener.local_addr()?,
+        path = %config.server.path,
+        mode = ?config.delivery.mode,
+        "hookgate listening"
+    );
+
+    let limits = ConnLimits {
+        header_read_timeout: config.server.header_read_timeout,
+        max_connections: config.server.max_connections,
+    };
+    let stop = CancellationToken::new();
+    let grace = config.shutdown.grace;
+    // Once the webhooks in flight are done, open connections only need a
+    // moment to be told to close.
+    let close_grace = std::time::Duration::from_secs(1);
+    let webhook_server = tokio::spawn(server::serve(
+        webhook_listener,
+        server::webhook_routes(
+            gateway,
+            in_flight.clone(),
+            &config.server.path,
+            config.server.max_body_bytes.0,
+            config.server.body_read_timeout,
+        ),
+        limits,
+        stop.clone(),
+        close_grace,
+    ));
+    let admin_server = tokio::spawn(server::serve(
+        admin_listener,
+        server::admin_routes(Arc::new(AdminState {
+            metrics,
+            draining: draining.clone(),
+        })),
+        limits,
+        stop.clone(),
+        close_grace,
+    ));
+
+    shutdown.cancelled().await;
+    tracing::info!(grace = ?grace, "shutting down: refusing new webhooks, finishing those in flight");
+    draining.cancel();
+    in_flight.close();
+    if tokio::time::timeout(grace, in_flight.wait()).await.is_err() {
+        tracing::warn!("webhooks still in flight after the grace period: their senders will retry");
+    }
+    stop.cancel();
+    let _ = tokio::join!(webhook_server, admin_server);
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or_default()
+}

@@ -1,0 +1,262 @@
+//! The HTTP layer: warp filters for the webhook and admin ports, served
+//! through hyper's connection builder for what `warp::serve` does not
+//! expose (a header-read timeout, a connection limit, graceful drain).
+//!
+//! It holds no business logic: it reads a request within its limits,
+//! hands it to the [`Gateway`], and writes the [`Reply`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use futures_util::{Stream, StreamExt};
+use http::{HeaderValue, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use warp::reply::Response;
+use warp::{Filter, Rejection as WarpRejection, Reply as _};
+
+use crate::gateway::{Gateway, Rejection, Reply, Webhook};
+
+/// Limits applied to every connection of a listener.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnLimits {
+    pub header_read_timeout: Duration,
+    pub max_connections: usize,
+}
+
+/// How long a draining gateway tells senders to wait.
+const RETRY_AFTER_DRAINING: &str = "5";
+
+/// The webhook port: `POST {path}` and nothing else (404 / 405 otherwise).
+pub fn webhook_routes(
+    gateway: Arc<Gateway>,
+    in_flight: TaskTracker,
+    path: &str,
+    max_body_bytes: u64,
+    body_read_timeout: Duration,
+) -> impl Filter<Extract = (Response,), Error = WarpRejection> + Clone + Send + Sync + 'static {
+    let path: Arc<str> = path.into();
+    let exact_path = warp::path::full()
+        .and_then(move |full: warp::path::FullPath| {
+            let found = full.as_str() == &*path;
+            async move {
+                if found {
+                    Ok(())
+                } else {
+                    Err(warp::reject::not_found())
+                }
+            }
+        })
+        .untuple_one();
+    let signature = warp::header::value("x-hub-signature-256")
+        .map(Some)
+        .or(warp::any().map(|| None))
+        .unify();
+    let query = warp::query::raw()
+        .map(Some)
+        .or(warp::any().map(|| None))
+        .unify();
+    exact_path
+        .and(warp::post())
+        .and(warp::header::optional::<u64>("content-length"))
+        .and(signature)
+        .and(query)
+        .and(warp::body::stream())
+        .then(move |content_length, signature, query, body| {
+            let gateway = gateway.clone();
+            in_flight.track_future(async move {
+                let started = Instant::now();
+                gateway.metrics().received.inc();
+                let reply = match read_body(content_length, body, max_body_bytes, body_read_timeout)
+                    .await
+                {
+                    Ok(body) => {
+                        gateway
+                            .handle(Webhook {
+                                body,
+                                signature,
+                                query,
+                            })
+                            .await
+                    }
+                    Err(rejection) => gateway.reject(rejection),
+                };
+                gateway
+                    .metrics()
+                    .request_duration
+                    .observe(started.elapsed().as_secs_f64());
+                render(reply)
+            })
+        })
+}
+
+/// Reads the whole body, refusing it as soon as it is known to be too
+/// large: from `Content-Length` before reading, else while streaming.
+async fn read_body<S, B>(
+    content_length: Option<u64>,
+    body: S,
+    limit: u64,
+    timeout: Duration,
+) -> Result<Bytes, Rejection>
+where
+    S: Stream<Item = Result<B, warp::Error>> + Send,
+    B: Buf,
+{
+    if content_length.is_some_and(|len| len > limit) {
+        return Err(Rejection::TooLarge { limit });
+    }
+    let read = async {
+        let mut body = std::pin::pin!(body);
+        let mut buf = BytesMut::with_capacity(content_length.unwrap_or(1024) as usize);
+        while let Some(chunk) = body.next().await {
+            let mut chunk = chunk.map_err(|e| Rejection::Incomplete(e.to_string()))?;
+            if (buf.len() + chunk.remaining()) as u64 > limit {
+                return Err(Rejection::TooLarge { limit });
+            }
+            while chunk.has_remaining() {
+                let part = chunk.chunk();
+                buf.extend_from_slice(part);
+                let n = part.len();
+                chunk.advance(n);
+            }
+        }
+        Ok(buf.freeze())
+    };
+    tokio::time::timeout(timeout, read)
+        .await
+        .unwrap_or_else(|_| {
+            Err(Rejection::Incomplete(format!(
+                "not complete within {timeout:?}"
+            )))
+        })
+}
+
+fn render(reply: Reply) -> Response {
+    let (status, body) = match &reply {
+        Reply::Done { status, job_id } => (
+            *status,
+            serde_json::json!({ "status": "ok", "job_id": job_id }),
+        ),
+        Reply::NotDelivered { status, job_id } => (
+            *status,
+            serde_json::json!({ "status": "not_delivered", "job_id": job_id }),
+        ),
+        Reply::Rejected(r) => (
+            r.status(),
+            serde_json::json!({ "status": "rejected", "reason": r.reason(), "message": r.to_string() }),
+        ),
+    };
+    let mut response = warp::reply::with_status(warp::reply::json(&body), status).into_response();
+    if let Reply::Rejected(Rejection::Draining) = reply {
+        response.headers_mut().insert(
+            http::header::RETRY_AFTER,
+            HeaderValue::from_static(RETRY_AFTER_DRAINING),
+        );
+    }
+    response
+}
+
+/// Serves `filter` on `listener` until `shutdown`, then lets open requests
+/// finish for up to `grace`.
+pub async fn serve<F, R>(
+    listener: TcpListener,
+    filter: F,
+    limits: ConnLimits,
+    shutdown: CancellationToken,
+    grace: Duration,
+) where
+    F: Filter<Extract = (R,), Error = WarpRejection> + Clone + Send + Sync + 'static,
+    R: warp::Reply,
+{
+    let service = warp::service(filter);
+    let graceful = GracefulShutdown::new();
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
+    loop {
+        // Past the limit, new connections wait in the kernel's backlog
+        // while the open ones keep being served.
+        let permit = tokio::select! {
+            permit = permits.clone().acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            () = shutdown.cancelled() => break,
+        };
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors, typically: back off briefly
+                    // rather than spin.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = shutdown.cancelled() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let conn = builder.serve_connection(
+            TokioIo::new(stream),
+            TowerToHyperService::new(service.clone()),
+        );
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!("connection closed with an error: {e}");
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections still open after the {grace:?} grace period were closed");
+    }
+}
+
+/// What the admin port needs to answer.
+pub struct AdminState {
+    pub metrics: Arc<crate::metrics::Metrics>,
+    pub draining: CancellationToken,
+}
+
+/// The admin port: metrics, liveness, readiness.
+pub fn admin_routes(
+    state: Arc<AdminState>,
+) -> impl Filter<Extract = (Response,), Error = WarpRejection> + Clone + Send + Sync + 'static {
+    let metrics = {
+        let state = state.clone();
+        warp::path!("metrics").and(warp::get()).map(move || {
+            let mut response = Response::new(state.metrics.encode().into());
+            response.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            response
+        })
+    };
+    let healthz = warp::path!("healthz")
+        .and(warp::get())
+        .map(|| warp::reply::with_status("ok\n", StatusCode::OK).into_response());
+    let readyz = warp::path!("readyz").and(warp::get()).map(move || {
+        if state.draining.is_cancelled() {
+            warp::reply::with_status("draining\n", StatusCode::SERVICE_UNAVAILABLE).into_response()
+        } else {
+            warp::reply::with_status("ready\n", StatusCode::OK).into_response()
+        }
+    });
+    metrics.or(healthz).unify().or(readyz).unify()
+}
