@@ -161,10 +161,7 @@ pub struct ClientError(#[from] reqwest::Error);
 
 impl Forwarder {
     pub fn new(config: &DeliveryConfig, metrics: Arc<Metrics>) -> Result<Self, ClientError> {
-        // reqwest is built without a default TLS provider so that ring
-        // (small, quick to build) is used; installing twice is harmless.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let client = reqwest::Client::builder()
+        let client = client_builder()
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(config.timeout)
             .pool_idle_timeout(Duration::from_secs(60))
@@ -272,6 +269,14 @@ impl Forwarder {
             attempt += 1;
         }
     }
+}
+
+/// A reqwest client builder with TLS ready. reqwest is built without its
+/// default TLS provider so that ring (small, quick to build) is used; it is
+/// installed here, once per process, before any client exists.
+pub fn client_builder() -> reqwest::ClientBuilder {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
 }
 
 async fn send(request: reqwest::RequestBuilder) -> Result<Outcome, reqwest::Error> {

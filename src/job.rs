@@ -194,7 +194,7 @@ mod tests {
 
     #[test]
     fn shapes() {
-        let cases: &[(&str, &str)] = &[
+        let cases: &[(&str, &str, &str)] = &[
             (
                 "envelope",
                 r#"{"data":{"job_id":"a","callback_url":"https://x/?t=1","is_error":false,"result":{"policy_categories":[{"name":"ARMS_AMMO","description":"d","risk_level":"HIGH"},{"name":"HATE","risk_level":"LOW"}],"metadata":{"fps":30}}}}"#,

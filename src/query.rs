@@ -47,7 +47,9 @@ mod tests {
 
     #[test]
     fn request_wins_callback_fills_in() {
-        let cases: &[(Option<&str>, Option<&str>, &str, Option<&str>)] = &[
+        // (request query, callback_url, name, expected value)
+        type Case<'a> = (Option<&'a str>, Option<&'a str>, &'a str, Option<&'a str>);
+        let cases: &[Case] = &[
             (Some("tenant=acme"), None, "tenant", Some("acme")),
             (
                 Some("tenant=acme"),

@@ -220,8 +220,7 @@ pub fn sign(secret_env: &str, payload: &Path) -> anyhow::Result<ExitCode> {
 pub async fn send(url: &str, secret_env: Option<&str>, payload: &Path) -> anyhow::Result<ExitCode> {
     let body =
         std::fs::read(payload).with_context(|| format!("cannot read {}", payload.display()))?;
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let client = reqwest::Client::builder()
+    let client = crate::deliver::client_builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()?;
     let mut request = client

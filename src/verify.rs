@@ -282,7 +282,12 @@ mod tests {
         let previous = sign(b"previous-secret-1", BODY);
         let current_hex = hex(&BASE64.decode(&current).unwrap());
         let stranger = sign(b"someone-else-000", BODY);
-        let cases: Vec<(&str, Option<String>, Result<Option<usize>, SignatureError>)> = vec![
+        type Case<'a> = (
+            &'a str,
+            Option<String>,
+            Result<Option<usize>, SignatureError>,
+        );
+        let cases: Vec<Case> = vec![
             ("base64, current", Some(current.clone()), Ok(Some(0))),
             ("base64, previous", Some(previous), Ok(Some(1))),
             (

@@ -1,0 +1,7 @@
+//! Integration tests: the real gateway on 127.0.0.1 against real
+//! downstream HTTP servers, observed through its answers and `/metrics`.
+
+mod cli;
+mod ingress;
+mod routing;
+mod support;

@@ -1,0 +1,413 @@
+//! Fixtures: a gateway started in-process on 127.0.0.1, a scriptable
+//! downstream, and helpers to read `/metrics` as an operator would.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+pub const SECRET: &str = "integration-test-secret";
+
+pub fn vectors_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/vectors")
+}
+
+pub fn sign(body: &[u8]) -> String {
+    hookgate::verify::sign(SECRET.as_bytes(), body)
+}
+
+/// A job body with the given id and categories.
+pub fn job(id: &str, categories: &[(&str, &str)]) -> Vec<u8> {
+    let cats: Vec<String> = categories
+        .iter()
+        .map(|(n, r)| format!(r#"{{"name":"{n}","description":"d","risk_level":"{r}"}}"#))
+        .collect();
+    format!(
+        r#"{{"data":{{"job_id":"{id}","callback_url":"https://gw.example.com/results?tenant=acme","is_error":false,"result":{{"policy_categories":[{}],"metadata":{{"width":720}},"url":"https://cdn/x.mp4"}}}}}}"#,
+        cats.join(",")
+    )
+    .into_bytes()
+}
+
+/// What the downstream does with one request.
+#[derive(Debug, Clone)]
+pub enum Answer {
+    Status(u16),
+    StatusWith(u16, &'static str, &'static str),
+    /// Read the request and never answer.
+    Hang,
+}
+
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    pub at: Instant,
+}
+
+impl Received {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+#[derive(Default)]
+struct DownstreamState {
+    script: VecDeque<Answer>,
+    received: Vec<Received>,
+    connections: usize,
+}
+
+/// An HTTP/1.1 server on 127.0.0.1 that answers from a script (then 200)
+/// and records what it got. Written on raw TCP so that it can misbehave.
+#[derive(Clone)]
+pub struct Downstream {
+    pub addr: SocketAddr,
+    state: Arc<Mutex<DownstreamState>>,
+    notify: Arc<Notify>,
+}
+
+impl Downstream {
+    pub async fn start(script: impl IntoIterator<Item = Answer>) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(Mutex::new(DownstreamState {
+            script: script.into_iter().collect(),
+            ..Default::default()
+        }));
+        let notify = Arc::new(Notify::new());
+        let (s, n) = (state.clone(), notify.clone());
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                s.lock().unwrap().connections += 1;
+                tokio::spawn(serve_conn(stream, s.clone(), n.clone()));
+            }
+        });
+        Self {
+            addr,
+            state,
+            notify,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.state.lock().unwrap().received.clone()
+    }
+
+    pub fn connections(&self) -> usize {
+        self.state.lock().unwrap().connections
+    }
+
+    /// Waits until `n` requests have arrived.
+    pub async fn wait_for(&self, n: usize, within: Duration) -> Vec<Received> {
+        let deadline = Instant::now() + within;
+        loop {
+            let notified = self.notify.notified();
+            let got = self.received();
+            if got.len() >= n {
+                return got;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                panic!("downstream got {} of {n} requests", self.received().len());
+            }
+        }
+    }
+}
+
+async fn serve_conn(
+    mut stream: TcpStream,
+    state: Arc<Mutex<DownstreamState>>,
+    notify: Arc<Notify>,
+) {
+    let mut buf = Vec::new();
+    loop {
+        let head_end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            let mut chunk = [0u8; 4096];
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+        let mut lines = head.split("\r\n");
+        let path = lines
+            .next()
+            .unwrap_or_default()
+            .split(' ')
+            .nth(1)
+            .unwrap_or_default()
+            .to_owned();
+        let headers: Vec<(String, String)> = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(n, v)| (n.trim().to_owned(), v.trim().to_owned()))
+            .collect();
+        let len: usize = headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or(0);
+        while buf.len() < head_end + len {
+            let mut chunk = [0u8; 4096];
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let body = buf[head_end..head_end + len].to_vec();
+        buf.drain(..head_end + len);
+        let answer = {
+            let mut s = state.lock().unwrap();
+            s.received.push(Received {
+                path,
+                headers,
+                body,
+                at: Instant::now(),
+            });
+            s.script.pop_front().unwrap_or(Answer::Status(200))
+        };
+        notify.notify_waiters();
+        let response = match answer {
+            Answer::Status(code) => format!("HTTP/1.1 {code} X\r\ncontent-length: 2\r\n\r\nok"),
+            Answer::StatusWith(code, name, value) => {
+                format!("HTTP/1.1 {code} X\r\n{name}: {value}\r\ncontent-length: 2\r\n\r\nok")
+            }
+            Answer::Hang => {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+                return;
+            }
+        };
+        if stream.write_all(response.as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Builds a gateway config in a temporary directory.
+pub struct GatewayBuilder {
+    rules: String,
+    extra: String,
+    secrets: Vec<(String, String)>,
+}
+
+impl GatewayBuilder {
+    pub fn new(rules: impl Into<String>) -> Self {
+        Self {
+            rules: rules.into(),
+            extra: String::new(),
+            secrets: vec![("current".into(), SECRET.into())],
+        }
+    }
+
+    /// Rules forwarding everything to one destination.
+    pub fn forward_all_to(url: &str) -> Self {
+        Self::new(format!(
+            "[destinations.down]\nurl = \"{url}\"\n[[rules]]\nname = \"all\"\nforward = [\"down\"]\n"
+        ))
+    }
+
+    /// More TOML for the gateway file (whole tables).
+    pub fn config(mut self, toml: &str) -> Self {
+        self.extra.push_str(toml);
+        self.extra.push('\n');
+        self
+    }
+
+    pub fn secrets(mut self, secrets: &[(&str, &str)]) -> Self {
+        self.secrets = secrets
+            .iter()
+            .map(|(n, s)| (n.to_string(), s.to_string()))
+            .collect();
+        self
+    }
+
+    /// Writes the files; returns the directory and the config path.
+    pub fn write(&self) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut secrets = Vec::new();
+        for (i, (name, value)) in self.secrets.iter().enumerate() {
+            let file = format!("secret-{i}");
+            std::fs::write(dir.path().join(&file), value).unwrap();
+            secrets.push(format!("{{ name = \"{name}\", file = \"{file}\" }}"));
+        }
+        let base = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:1\"\n[verify]\nsecrets = [{}]\n[log]\nformat = \"text\"\n\
+             [delivery]\nmode = \"direct\"\nbackoff_initial = \"10ms\"\nbackoff_max = \"100ms\"\ntimeout = \"2s\"\ndirect_deadline = \"5s\"\n",
+            secrets.join(", "),
+        );
+        let mut config: toml::Table = base.parse().unwrap();
+        let extra: toml::Table = self.extra.parse().unwrap();
+        for (section, values) in extra {
+            let toml::Value::Table(values) = values else {
+                panic!("config() takes tables")
+            };
+            match config.get_mut(&section) {
+                Some(toml::Value::Table(t)) => t.extend(values),
+                _ => {
+                    config.insert(section, toml::Value::Table(values));
+                }
+            }
+        }
+        let path = dir.path().join("hookgate.toml");
+        std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
+        std::fs::write(dir.path().join("rules.toml"), &self.rules).unwrap();
+        (dir, path)
+    }
+
+    pub async fn start(self) -> TestGateway {
+        let (dir, path) = self.write();
+        let config = hookgate::config::Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        let listeners = hookgate::Listeners {
+            webhook: std::net::TcpListener::bind("127.0.0.1:0").unwrap(),
+            admin: std::net::TcpListener::bind("127.0.0.1:0").unwrap(),
+        };
+        let webhook = listeners.webhook.local_addr().unwrap();
+        let admin = listeners.admin.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(hookgate::run(config, listeners, shutdown.clone()));
+        let gw = TestGateway {
+            webhook,
+            admin,
+            shutdown,
+            task: Some(task),
+            client: hookgate::deliver::client_builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .unwrap(),
+            _dir: dir,
+        };
+        gw.wait_ready().await;
+        gw
+    }
+}
+
+pub struct TestGateway {
+    pub webhook: SocketAddr,
+    pub admin: SocketAddr,
+    pub shutdown: CancellationToken,
+    pub task: Option<JoinHandle<Result<(), hookgate::Error>>>,
+    pub client: reqwest::Client,
+    /// Holds the config, rules and secret files for the gateway's life.
+    _dir: tempfile::TempDir,
+}
+
+impl TestGateway {
+    async fn wait_ready(&self) {
+        for _ in 0..200 {
+            if let Ok(r) = self
+                .client
+                .get(format!("http://{}/readyz", self.admin))
+                .send()
+                .await
+            {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            if self.task.as_ref().is_some_and(|t| t.is_finished()) {
+                panic!("the gateway stopped while starting");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the gateway did not become ready");
+    }
+
+    pub fn url(&self, path_and_query: &str) -> String {
+        format!("http://{}{path_and_query}", self.webhook)
+    }
+
+    /// POSTs `body` to `/results?{query}` signed with [`SECRET`].
+    pub async fn post(&self, body: &[u8], query: &str) -> reqwest::Response {
+        self.post_with(body, query, Some(&sign(body))).await
+    }
+
+    pub async fn post_with(
+        &self,
+        body: &[u8],
+        query: &str,
+        signature: Option<&str>,
+    ) -> reqwest::Response {
+        let sep = if query.is_empty() { "" } else { "?" };
+        let mut req = self
+            .client
+            .post(self.url(&format!("/results{sep}{query}")))
+            .header("content-type", "application/json")
+            .body(body.to_vec());
+        if let Some(sig) = signature {
+            req = req.header("X-Hub-Signature-256", sig);
+        }
+        req.send().await.unwrap()
+    }
+
+    pub async fn metrics(&self) -> Metrics {
+        let text = self
+            .client
+            .get(format!("http://{}/metrics", self.admin))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        Metrics(text)
+    }
+
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(10), task)
+                .await
+                .expect("gateway stops")
+                .unwrap()
+                .unwrap();
+        }
+    }
+}
+
+/// A `/metrics` exposition, read as PromQL would select series.
+pub struct Metrics(pub String);
+
+impl Metrics {
+    /// The value of `name{labels}` where `labels` is e.g. `reason="too_large"`
+    /// (all labels, in any order; empty for none). Absent series panic.
+    pub fn get(&self, name: &str, labels: &str) -> f64 {
+        self.find(name, labels)
+            .unwrap_or_else(|| panic!("no series {name}{{{labels}}} in\n{}", self.0))
+    }
+
+    pub fn find(&self, name: &str, labels: &str) -> Option<f64> {
+        let mut want: Vec<&str> = labels.split(',').filter(|s| !s.is_empty()).collect();
+        want.sort();
+        self.0
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .find_map(|line| {
+                let (series, value) = line.rsplit_once(' ')?;
+                let (n, l) = match series.split_once('{') {
+                    Some((n, l)) => (n, l.trim_end_matches('}')),
+                    None => (series, ""),
+                };
+                let mut have: Vec<&str> = l.split(',').filter(|s| !s.is_empty()).collect();
+                have.sort();
+                (n == name && have == want).then(|| value.parse().unwrap())
+            })
+    }
+}
