@@ -61,6 +61,8 @@ pub struct AdminConfig {
     pub listen: SocketAddr,
     /// The environment variable holding the bearer token for admin POSTs.
     pub token_env: Option<String>,
+    /// ... or a file holding it (a mounted Secret), relative to this file.
+    pub token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -82,6 +84,9 @@ pub struct SecretSource {
 #[serde(default, deny_unknown_fields)]
 pub struct RulesConfig {
     pub file: PathBuf,
+    /// How often the file's content is checked for a change.
+    #[serde(with = "humantime_serde")]
+    pub reload_interval: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -193,6 +198,7 @@ impl Default for AdminConfig {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 9090)),
             token_env: None,
+            token_file: None,
         }
     }
 }
@@ -210,6 +216,7 @@ impl Default for RulesConfig {
     fn default() -> Self {
         Self {
             file: "rules.toml".into(),
+            reload_interval: Duration::from_secs(2),
         }
     }
 }
@@ -304,7 +311,7 @@ impl Config {
 
     fn validate(&self) -> Result<(), String> {
         let d = &self.delivery;
-        let checks: [(bool, &str); 9] = [
+        let checks: &[(bool, &str)] = &[
             (
                 self.server.path.starts_with('/'),
                 "server.path must start with /",
@@ -338,10 +345,14 @@ impl Config {
                 self.server.listen != self.admin.listen,
                 "server.listen and admin.listen must differ",
             ),
+            (
+                !self.rules.reload_interval.is_zero(),
+                "rules.reload_interval must be more than 0s",
+            ),
         ];
         for (ok, message) in checks {
             if !ok {
-                return Err(message.into());
+                return Err((*message).into());
             }
         }
         for (i, s) in self.verify.secrets.iter().enumerate() {
@@ -363,8 +374,7 @@ impl Config {
 
     /// The rules file, relative to the config file's directory.
     pub fn rules_path(&self) -> PathBuf {
-        let dir = self.source.parent().unwrap_or(Path::new(""));
-        dir.join(&self.rules.file)
+        self.relative(&self.rules.file)
     }
 
     /// Reads every configured secret. An absent or empty one is an error:
@@ -385,7 +395,7 @@ impl Config {
                     .ok_or_else(|| fail(format!("the environment variable {var} is not set")))?
                     .into_encoded_bytes(),
                 (None, Some(file)) => {
-                    let path = self.source.parent().unwrap_or(Path::new("")).join(file);
+                    let path = self.relative(file);
                     let mut bytes = std::fs::read(&path)
                         .map_err(|e| fail(format!("cannot read {}: {e}", path.display())))?;
                     // Secret files written by editors or `echo` end in a newline
@@ -418,18 +428,43 @@ impl Config {
         Ok((secrets, warnings))
     }
 
-    /// The admin bearer token, if one is configured and set.
+    /// The admin bearer token, if one is configured.
     pub fn admin_token(&self) -> Result<Option<String>, ConfigError> {
-        let Some(var) = &self.admin.token_env else {
-            return Ok(None);
+        let invalid = |message: String| ConfigError::Invalid {
+            path: self.source.display().to_string(),
+            message,
         };
-        match std::env::var(var) {
-            Ok(token) if !token.is_empty() => Ok(Some(token)),
-            _ => Err(ConfigError::Invalid {
-                path: self.source.display().to_string(),
-                message: format!("admin.token_env names {var}, which is not set or empty"),
-            }),
+        let token = match (&self.admin.token_env, &self.admin.token_file) {
+            (None, None) => return Ok(None),
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "admin.token_env and admin.token_file exclude each other".into(),
+                ));
+            }
+            (Some(var), None) => std::env::var(var)
+                .map_err(|_| invalid(format!("admin.token_env names {var}, which is not set")))?,
+            (None, Some(file)) => {
+                let path = self.relative(file);
+                std::fs::read_to_string(&path)
+                    .map_err(|e| {
+                        invalid(format!(
+                            "admin.token_file: cannot read {}: {e}",
+                            path.display()
+                        ))
+                    })?
+                    .trim_end_matches(['\r', '\n'])
+                    .to_owned()
+            }
+        };
+        if token.is_empty() {
+            return Err(invalid("the admin token is empty".into()));
         }
+        Ok(Some(token))
+    }
+
+    /// A path from the config file, relative to the file's directory.
+    fn relative(&self, path: &Path) -> PathBuf {
+        self.source.parent().unwrap_or(Path::new("")).join(path)
     }
 }
 

@@ -16,13 +16,17 @@
 //! - [`deliver`]: HTTP attempts to destinations, classified and retried
 //!   with [`backoff`].
 //! - [`metrics`]: the Prometheus registry everything above reports to.
+//! - [`reload`]: watches the rules file and publishes each valid version
+//!   whole.
 //! - [`gateway`]: the pipeline for one webhook, and the answer it gets.
-//! - [`server`]: the thin HTTP layer (warp on hyper) for both ports.
+//! - [`server`]: the thin HTTP layer (warp on hyper) for the webhook port;
+//!   [`admin`] for the admin port.
 //! - [`tools`]: the operator commands (`check`, `route`, `sign`, `send`,
 //!   `listen`).
 //!
 //! [`run`] wires them together; `main.rs` only parses the command line.
 
+pub mod admin;
 pub mod backoff;
 pub mod config;
 pub mod deliver;
@@ -30,24 +34,25 @@ pub mod gateway;
 pub mod job;
 pub mod metrics;
 pub mod query;
+pub mod reload;
 pub mod rules;
 pub mod server;
 pub mod tools;
 pub mod verify;
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admin::AdminState;
 use crate::config::{Config, ConfigError};
 use crate::deliver::{ClientError, Forwarder};
 use crate::gateway::Gateway;
 use crate::metrics::Metrics;
-use crate::rules::{LoadError, RuleSet};
-use crate::server::{AdminState, ConnLimits};
+use crate::reload::Reloader;
+use crate::rules::LoadError;
+use crate::server::ConnLimits;
 use crate::verify::Verifier;
 
 /// The two ports, bound by the caller (tests bind port 0).
@@ -94,20 +99,20 @@ pub async fn run(
             "verify.required = false and no secrets: webhooks are accepted without any signature check"
         );
     }
-    let rules = RuleSet::load(&config.rules_path())?;
+    let admin_token = config.admin_token()?;
     let secret_names: Vec<&str> = secrets.iter().map(|s| s.name()).collect();
     let metrics = Arc::new(Metrics::new(&config.metrics.categories, &secret_names));
-    metrics.track(&rules);
-    metrics.reloads.with_label_values(&["success"]).inc();
-    metrics.last_reload_successful.set(1);
-    metrics.last_reload_success_timestamp.set(unix_now());
-    tracing::info!(
-        rules = rules.rules.len(),
-        destinations = rules.destinations.len(),
-        file = %config.rules_path().display(),
-        "rules loaded"
-    );
-    let (_rules_tx, rules_rx) = watch::channel(Arc::new(rules));
+    let (reloader, rules_rx) = Reloader::start(config.rules_path(), metrics.clone())?;
+    let reloader = Arc::new(reloader);
+    {
+        let rules = rules_rx.borrow();
+        tracing::info!(
+            rules = rules.rules.len(),
+            destinations = rules.destinations.len(),
+            file = %reloader.path().display(),
+            "rules loaded"
+        );
+    }
 
     let draining = CancellationToken::new();
     let in_flight = TaskTracker::new();
@@ -157,14 +162,18 @@ pub async fn run(
     ));
     let admin_server = tokio::spawn(server::serve(
         admin_listener,
-        server::admin_routes(Arc::new(AdminState {
+        admin::routes(Arc::new(AdminState {
             metrics,
             draining: draining.clone(),
+            reloader: reloader.clone(),
+            token: admin_token,
         })),
         limits,
         stop.clone(),
         close_grace,
     ));
+
+    tokio::spawn(reloader.watch(config.rules.reload_interval, stop.clone()));
 
     shutdown.cancelled().await;
     tracing::info!(grace = ?grace, "shutting down: refusing new webhooks, finishing those in flight");
@@ -177,11 +186,4 @@ pub async fn run(
     let _ = tokio::join!(webhook_server, admin_server);
     tracing::info!("stopped");
     Ok(())
-}
-
-fn unix_now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or_default()
 }

@@ -42,6 +42,8 @@ enum Command {
         json: bool,
         payload: PathBuf,
     },
+    /// Run routing tests (payload + query -> expected destinations).
+    Test { file: PathBuf },
     /// Print the X-Hub-Signature-256 value of a file.
     Sign {
         /// The environment variable holding the secret.
@@ -82,6 +84,7 @@ fn main() -> ExitCode {
             json,
             payload,
         } => hookgate::tools::route(&config, query.as_deref(), &payload, json),
+        Command::Test { file } => hookgate::tools::test(&file),
         Command::Sign {
             secret_env,
             payload,

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::{Stream, StreamExt};
-use http::{HeaderValue, StatusCode};
+use http::HeaderValue;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
@@ -225,38 +225,4 @@ pub async fn serve<F, R>(
     {
         tracing::warn!("connections still open after the {grace:?} grace period were closed");
     }
-}
-
-/// What the admin port needs to answer.
-pub struct AdminState {
-    pub metrics: Arc<crate::metrics::Metrics>,
-    pub draining: CancellationToken,
-}
-
-/// The admin port: metrics, liveness, readiness.
-pub fn admin_routes(
-    state: Arc<AdminState>,
-) -> impl Filter<Extract = (Response,), Error = WarpRejection> + Clone + Send + Sync + 'static {
-    let metrics = {
-        let state = state.clone();
-        warp::path!("metrics").and(warp::get()).map(move || {
-            let mut response = Response::new(state.metrics.encode().into());
-            response.headers_mut().insert(
-                http::header::CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-            );
-            response
-        })
-    };
-    let healthz = warp::path!("healthz")
-        .and(warp::get())
-        .map(|| warp::reply::with_status("ok\n", StatusCode::OK).into_response());
-    let readyz = warp::path!("readyz").and(warp::get()).map(move || {
-        if state.draining.is_cancelled() {
-            warp::reply::with_status("draining\n", StatusCode::SERVICE_UNAVAILABLE).into_response()
-        } else {
-            warp::reply::with_status("ready\n", StatusCode::OK).into_response()
-        }
-    });
-    metrics.or(healthz).unify().or(readyz).unify()
 }

@@ -52,6 +52,18 @@ impl fmt::Display for LoadError {
     }
 }
 
+impl LoadError {
+    pub fn unreadable(path: &Path, e: &std::io::Error) -> Self {
+        Self {
+            path: path.to_owned(),
+            problems: vec![Problem {
+                line: 0,
+                message: format!("cannot read the rules file: {e}"),
+            }],
+        }
+    }
+}
+
 /// Headers that hookgate sets itself and a rule may not replace.
 const RESERVED_HEADERS: &[&str] = &[
     "content-type",
@@ -127,17 +139,23 @@ impl Source<'_> {
 
 impl RuleSet {
     pub fn load(path: &Path) -> Result<Self, LoadError> {
-        let text = std::fs::read_to_string(path).map_err(|e| LoadError {
-            path: path.to_owned(),
-            problems: vec![Problem {
-                line: 0,
-                message: format!("cannot read the rules file: {e}"),
-            }],
-        })?;
-        Self::parse(&text).map_err(|problems| LoadError {
+        let bytes = std::fs::read(path).map_err(|e| LoadError::unreadable(path, &e))?;
+        Self::from_bytes(path, &bytes)
+    }
+
+    /// Parses a file's content; `path` is only for messages.
+    pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<Self, LoadError> {
+        let fail = |problems| LoadError {
             path: path.to_owned(),
             problems,
-        })
+        };
+        let text = std::str::from_utf8(bytes).map_err(|e| {
+            fail(vec![Problem {
+                line: 0,
+                message: format!("the file is not UTF-8 text: {e}"),
+            }])
+        })?;
+        Self::parse(text).map_err(fail)
     }
 
     pub fn parse(text: &str) -> Result<Self, Vec<Problem>> {

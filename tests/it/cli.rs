@@ -2,6 +2,8 @@
 
 use assert_cmd::Command;
 
+use crate::support::*;
+
 fn hookgate() -> Command {
     let mut cmd = Command::cargo_bin("hookgate").unwrap();
     cmd.current_dir(env!("CARGO_MANIFEST_DIR"));
@@ -140,52 +142,22 @@ fn route_explains_the_decision() {
     assert_eq!(report["rules"][0]["failed"], "is_error = true");
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// The README's run command: the shipped config serves, answers, and
 /// stops cleanly on SIGTERM (exit 0).
 #[tokio::test]
 async fn serve_runs_the_shipped_config_and_stops_on_sigterm() {
-    let (webhook, admin) = (free_port(), free_port());
-    let child = std::process::Command::new(assert_cmd::cargo::cargo_bin!("hookgate"))
-        .arg("serve")
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .env("HOOKGATE_SECRET", crate::support::SECRET)
-        .env("HOOKGATE_SERVER__LISTEN", format!("127.0.0.1:{webhook}"))
-        .env("HOOKGATE_ADMIN__LISTEN", format!("127.0.0.1:{admin}"))
-        .env("HOOKGATE_DELIVERY__DIRECT_DEADLINE", "1s")
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let client = hookgate::deliver::client_builder().build().unwrap();
-    let mut ready = false;
-    for _ in 0..300 {
-        if let Ok(r) = client
-            .get(format!("http://127.0.0.1:{admin}/readyz"))
-            .send()
-            .await
-        {
-            ready = r.status() == 200;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    assert!(ready, "the gateway did not become ready");
-    let body =
-        std::fs::read(crate::support::vectors_dir().join("error_python_default.json")).unwrap();
-    let response = client
-        .post(format!("http://127.0.0.1:{webhook}/results"))
-        .header("X-Hub-Signature-256", crate::support::sign(&body))
-        .body(body)
-        .send()
-        .await
-        .unwrap();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let gw = BinaryGateway::spawn(
+        root,
+        std::path::Path::new("config/hookgate.toml"),
+        &[
+            ("HOOKGATE_SECRET", SECRET),
+            ("HOOKGATE_DELIVERY__DIRECT_DEADLINE", "1s"),
+        ],
+    )
+    .await;
+    let body = std::fs::read(vectors_dir().join("error_python_default.json")).unwrap();
+    let response = gw.post(&body).await;
     // The shipped destinations are cluster names that do not resolve here:
     // verified and routed, then not deliverable, so the sender would retry.
     assert!(
@@ -193,26 +165,90 @@ async fn serve_runs_the_shipped_config_and_stops_on_sigterm() {
         "{}",
         response.status()
     );
-    let unsigned = client
-        .post(format!("http://127.0.0.1:{webhook}/results"))
+    let m = gw.metrics().await;
+    assert_eq!(m.get("hookgate_jobs_routed_total", "rule=\"errors\""), 1.0);
+    assert!(
+        m.get(
+            "hookgate_forward_attempts_total",
+            "destination=\"ops-errors\",outcome=\"connect_error\""
+        ) >= 1.0
+    );
+    let unsigned = gw
+        .client
+        .post(format!("http://{}/results", gw.webhook))
         .body("{}")
         .send()
         .await
         .unwrap();
     assert_eq!(unsigned.status(), 401);
-    let kill = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
+    let (code, stderr) = gw.stop().await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(!stderr.contains(SECRET), "the secret was logged");
+}
+
+#[test]
+fn rule_tests_pass_on_the_shipped_rules() {
+    let out = hookgate()
+        .args(["test", "config/rules_test.toml"])
+        .output()
         .unwrap();
-    assert!(kill.success());
-    let output = tokio::task::spawn_blocking(move || child.wait_with_output())
-        .await
-        .unwrap()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
-        !stderr.contains(crate::support::SECRET),
-        "the secret was logged"
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
     );
+    assert!(stdout.contains("SUCCESS: 8 tests passed"), "{stdout}");
+}
+
+#[test]
+fn a_wrong_expectation_fails_with_a_readable_diff() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    std::fs::copy(
+        root.join("config/rules.toml"),
+        dir.path().join("rules.toml"),
+    )
+    .unwrap();
+    std::fs::copy(
+        vectors_dir().join("success_compact.json"),
+        dir.path().join("high.json"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("t.toml"),
+        r#"
+[[tests]]
+name = "right"
+payload = "high.json"
+expect_destinations = ["tenant-archive", "trust-safety"]
+
+[[tests]]
+name = "wrong"
+payload = "high.json"
+expect_destinations = ["trust-safety", "review-queue"]
+expect_rules = ["high-risk"]
+"#,
+    )
+    .unwrap();
+    let out = hookgate()
+        .arg("test")
+        .arg(dir.path().join("t.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for want in [
+        "PASS  right",
+        "FAIL  wrong",
+        "- review-queue (expected, missing)",
+        "+ tenant-archive (not expected)",
+        "matched rules:",
+        "expected: [\"high-risk\"]",
+        "got:      [\"high-risk\", \"tenant-archive\"]",
+        "skip     medium-review",
+        "FAILED: 1 of 2 tests failed",
+    ] {
+        assert!(stdout.contains(want), "missing {want:?} in:\n{stdout}");
+    }
 }

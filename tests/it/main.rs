@@ -3,5 +3,6 @@
 
 mod cli;
 mod ingress;
+mod reload;
 mod routing;
 mod support;

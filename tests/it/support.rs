@@ -206,6 +206,7 @@ pub struct GatewayBuilder {
     rules: String,
     extra: String,
     secrets: Vec<(String, String)>,
+    token: Option<String>,
 }
 
 impl GatewayBuilder {
@@ -214,6 +215,7 @@ impl GatewayBuilder {
             rules: rules.into(),
             extra: String::new(),
             secrets: vec![("current".into(), SECRET.into())],
+            token: None,
         }
     }
 
@@ -269,11 +271,29 @@ impl GatewayBuilder {
         let path = dir.path().join("hookgate.toml");
         std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
         std::fs::write(dir.path().join("rules.toml"), &self.rules).unwrap();
+        if let Some(token) = &self.token {
+            std::fs::write(dir.path().join("admin-token"), token).unwrap();
+        }
         (dir, path)
+    }
+
+    /// A bearer token for the admin API, written to a file.
+    pub fn admin_token(self, token: &str) -> Self {
+        let toml = format!("[admin]\ntoken_file = \"admin-token\"\n# token: {token}");
+        let mut me = self.config(&toml);
+        me.token = Some(token.to_owned());
+        me
     }
 
     pub async fn start(self) -> TestGateway {
         let (dir, path) = self.write();
+        TestGateway::launch(dir, path).await
+    }
+}
+
+impl TestGateway {
+    /// Starts a gateway in-process on files already written.
+    pub async fn launch(dir: tempfile::TempDir, path: PathBuf) -> Self {
         let config = hookgate::config::Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
         let listeners = hookgate::Listeners {
             webhook: std::net::TcpListener::bind("127.0.0.1:0").unwrap(),
@@ -332,6 +352,20 @@ impl TestGateway {
 
     pub fn url(&self, path_and_query: &str) -> String {
         format!("http://{}{path_and_query}", self.webhook)
+    }
+
+    /// The directory holding the config, rules and secret files.
+    pub fn dir(&self) -> &Path {
+        self._dir.path()
+    }
+
+    /// `POST /-/reload` with a bearer token.
+    pub async fn reload(&self, token: Option<&str>) -> reqwest::Response {
+        let mut req = self.client.post(format!("http://{}/-/reload", self.admin));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        req.send().await.unwrap()
     }
 
     /// POSTs `body` to `/results?{query}` signed with [`SECRET`].
@@ -410,4 +444,116 @@ impl Metrics {
                 (n == name && have == want).then(|| value.parse().unwrap())
             })
     }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The real `hookgate serve` process, on free loopback ports.
+pub struct BinaryGateway {
+    pub webhook: SocketAddr,
+    pub admin: SocketAddr,
+    child: Option<std::process::Child>,
+    pub client: reqwest::Client,
+}
+
+impl BinaryGateway {
+    /// Runs `hookgate serve --config CONFIG` from `cwd` with `envs`.
+    pub async fn spawn(cwd: &Path, config: &Path, envs: &[(&str, &str)]) -> Self {
+        let webhook: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let child = std::process::Command::new(assert_cmd::cargo::cargo_bin!("hookgate"))
+            .arg("serve")
+            .arg("--config")
+            .arg(config)
+            .current_dir(cwd)
+            .env("HOOKGATE_SERVER__LISTEN", webhook.to_string())
+            .env("HOOKGATE_ADMIN__LISTEN", admin.to_string())
+            .envs(envs.iter().copied())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let gw = Self {
+            webhook,
+            admin,
+            child: Some(child),
+            client: hookgate::deliver::client_builder().build().unwrap(),
+        };
+        for _ in 0..500 {
+            if let Ok(r) = gw.client.get(format!("http://{admin}/readyz")).send().await {
+                assert_eq!(r.status(), 200);
+                return gw;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("hookgate serve did not become ready");
+    }
+
+    pub async fn post(&self, body: &[u8]) -> reqwest::Response {
+        self.client
+            .post(format!("http://{}/results", self.webhook))
+            .header("X-Hub-Signature-256", sign(body))
+            .body(body.to_vec())
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn metrics(&self) -> Metrics {
+        let text = self
+            .client
+            .get(format!("http://{}/metrics", self.admin))
+            .send()
+            .await
+            .unwrap();
+        Metrics(text.text().await.unwrap())
+    }
+
+    /// SIGTERM, then the exit code and everything logged.
+    pub async fn stop(mut self) -> (Option<i32>, String) {
+        let child = self.child.take().unwrap();
+        let kill = std::process::Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(kill.success());
+        let output = tokio::task::spawn_blocking(move || child.wait_with_output())
+            .await
+            .unwrap()
+            .unwrap();
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    }
+}
+
+impl Drop for BinaryGateway {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Polls `check` every 50 ms until it holds, for at most `within`.
+pub async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = Instant::now();
+    while started.elapsed() < within {
+        if check().await {
+            return started.elapsed();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("not within {within:?}: {what}");
 }

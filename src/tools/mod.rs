@@ -1,4 +1,5 @@
-//! The operator's commands: `check`, `route`, `sign`, `send`, `listen`.
+//! The operator's commands: `check`, `route`, `test`, `sign`, `send`,
+//! `listen`.
 //!
 //! These are edges: they print for people (or `--json` for machines) and
 //! return the process exit code.
@@ -9,13 +10,14 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use bytes::Bytes;
-use serde::Serialize;
 use warp::Filter;
 
+mod route;
+
+pub use route::{route, test};
+
 use crate::config::{Config, Mode};
-use crate::job::Job;
-use crate::query::Query;
-use crate::rules::{Input, RuleSet, Trace, Verdict};
+use crate::rules::RuleSet;
 use crate::verify::{self, Secret, Verifier};
 
 /// Validates the config and the rules it names, printing every problem.
@@ -82,122 +84,6 @@ pub fn check(config_path: &Path) -> ExitCode {
     } else {
         ExitCode::FAILURE
     }
-}
-
-#[derive(Serialize)]
-struct RouteReport<'a> {
-    job_id: &'a str,
-    rules: Vec<Trace>,
-    destinations: Vec<RouteLine>,
-    dropped: bool,
-    unrouted: bool,
-}
-
-#[derive(Serialize)]
-struct RouteLine {
-    destination: String,
-    rule: String,
-    url: Option<String>,
-    error: Option<String>,
-    headers: Vec<(String, String)>,
-}
-
-/// Explains where a payload would go, without sending it.
-pub fn route(
-    config_path: &Path,
-    query: Option<&str>,
-    payload: &Path,
-    json: bool,
-) -> anyhow::Result<ExitCode> {
-    let config = Config::load(config_path)?;
-    let rules = RuleSet::load(&config.rules_path())?;
-    let body =
-        std::fs::read(payload).with_context(|| format!("cannot read {}", payload.display()))?;
-    let job =
-        Job::from_bytes(&body).with_context(|| format!("{} is not a job", payload.display()))?;
-    let query = Query::new(query, job.callback_url.as_deref());
-    let input = Input {
-        job: &job,
-        query: &query,
-    };
-    let decision = rules.decide(input);
-    let report = RouteReport {
-        job_id: &job.job_id,
-        rules: rules.explain(input),
-        destinations: decision
-            .routes
-            .iter()
-            .map(|r| RouteLine {
-                destination: r.destination.name.to_string(),
-                rule: r.rule.name.to_string(),
-                url: r.url.as_ref().ok().map(|u| u.to_string()),
-                error: r.url.as_ref().err().map(|e| e.to_string()),
-                headers: r
-                    .headers()
-                    .map(|(n, v)| {
-                        (
-                            n.to_string(),
-                            String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                        )
-                    })
-                    .collect(),
-            })
-            .collect(),
-        dropped: !decision.is_unrouted() && decision.routes.is_empty(),
-        unrouted: decision.is_unrouted(),
-    };
-    if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-        return Ok(ExitCode::SUCCESS);
-    }
-    let categories: Vec<String> = job
-        .categories
-        .iter()
-        .map(|c| format!("{}:{}", c.name, c.risk_level))
-        .collect();
-    println!(
-        "job {} (is_error = {}, categories [{}])",
-        job.job_id,
-        job.is_error,
-        categories.join(", ")
-    );
-    println!("rules ({}):", config.rules_path().display());
-    for t in &report.rules {
-        match &t.verdict {
-            Verdict::Matched => println!("  MATCH    {} (line {})", t.rule, t.line),
-            Verdict::Skipped { failed, observed } => {
-                println!(
-                    "  skip     {} (line {}): {failed} does not hold ({observed})",
-                    t.rule, t.line
-                )
-            }
-            Verdict::NotReached { after } => {
-                println!(
-                    "  -        {} (line {}): not evaluated, {after} matched first",
-                    t.rule, t.line
-                )
-            }
-        }
-    }
-    if report.unrouted {
-        println!("=> unrouted: no rule matches; the job would not be forwarded");
-    } else if report.dropped {
-        println!("=> dropped: acknowledged and sent nowhere");
-    }
-    for d in &report.destinations {
-        match (&d.url, &d.error) {
-            (Some(url), _) => println!("=> {} via rule {}: POST {url}", d.destination, d.rule),
-            (None, Some(e)) => println!(
-                "=> {} via rule {}: NOT FORWARDED: {e}",
-                d.destination, d.rule
-            ),
-            (None, None) => {}
-        }
-        for (name, value) in &d.headers {
-            println!("     {name}: {value}");
-        }
-    }
-    Ok(ExitCode::SUCCESS)
 }
 
 fn secret_from_env(var: &str) -> anyhow::Result<Vec<u8>> {

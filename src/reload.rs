@@ -1,0 +1,145 @@
+//! Live reload of the rules file.
+//!
+//! The file is polled by content, not by modification time or inotify:
+//! Kubernetes updates a ConfigMap volume by swapping a `..data` symlink
+//! (the file's own mtime may not change), editors replace files by rename,
+//! and a file may be briefly missing mid-update. A new version is parsed and
+//! validated whole, then published as one `Arc<RuleSet>`, so each webhook is
+//! routed by exactly one version. A version that fails keeps the running
+//! rules in force.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use sha2::{Digest, Sha256};
+use tokio::sync::{Mutex, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+use crate::rules::{LoadError, RuleSet};
+
+/// What was last seen at the path, so that an unchanged file (or an
+/// unchanged failure) is not reloaded, logged and counted every poll.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Seen {
+    Content([u8; 32]),
+    Unreadable(String),
+}
+
+pub struct Reloader {
+    path: PathBuf,
+    rules: watch::Sender<Arc<RuleSet>>,
+    metrics: Arc<Metrics>,
+    /// Also serialises reloads from the poller, SIGHUP and the admin API.
+    seen: Mutex<Seen>,
+}
+
+/// How a reload went, for the admin API's answer.
+#[derive(Debug)]
+pub enum Reloaded {
+    /// The file's content was unchanged; nothing to do.
+    Unchanged,
+    Loaded {
+        hash: u64,
+    },
+}
+
+impl Reloader {
+    /// Loads the rules for start-up: here a failure is fatal.
+    pub fn start(
+        path: PathBuf,
+        metrics: Arc<Metrics>,
+    ) -> Result<(Self, watch::Receiver<Arc<RuleSet>>), LoadError> {
+        let bytes = std::fs::read(&path).map_err(|e| LoadError::unreadable(&path, &e))?;
+        let rules = RuleSet::from_bytes(&path, &bytes)?;
+        let (tx, rx) = watch::channel(Arc::new(rules));
+        let reloader = Self {
+            path,
+            rules: tx,
+            metrics,
+            seen: Mutex::new(Seen::Content(Sha256::digest(&bytes).into())),
+        };
+        reloader.succeeded(&reloader.rules.borrow());
+        Ok((reloader, rx))
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    /// Re-reads the file. With `force` it is parsed even when unchanged
+    /// (SIGHUP and `POST /-/reload` mean "do it now").
+    pub async fn reload(&self, force: bool) -> Result<Reloaded, LoadError> {
+        let mut seen = self.seen.lock().await;
+        let (now, bytes) = match tokio::fs::read(&self.path).await {
+            Ok(bytes) => (Seen::Content(Sha256::digest(&bytes).into()), Ok(bytes)),
+            Err(e) => (Seen::Unreadable(e.to_string()), Err(e)),
+        };
+        if !force && now == *seen {
+            return Ok(Reloaded::Unchanged);
+        }
+        *seen = now;
+        let result = bytes
+            .map_err(|e| LoadError::unreadable(&self.path, &e))
+            .and_then(|bytes| RuleSet::from_bytes(&self.path, &bytes));
+        match result {
+            Ok(rules) => {
+                let hash = rules.hash;
+                self.succeeded(&rules);
+                tracing::info!(
+                    file = %self.path.display(),
+                    rules = rules.rules.len(),
+                    destinations = rules.destinations.len(),
+                    hash,
+                    "rules reloaded"
+                );
+                self.rules.send_replace(Arc::new(rules));
+                Ok(Reloaded::Loaded { hash })
+            }
+            Err(e) => {
+                self.metrics.reloads.with_label_values(&["failure"]).inc();
+                self.metrics.last_reload_successful.set(0);
+                tracing::error!(file = %self.path.display(), "rules reload failed, the previous rules stay in force: {e}");
+                Err(e)
+            }
+        }
+    }
+
+    fn succeeded(&self, rules: &RuleSet) {
+        self.metrics.track(rules);
+        self.metrics.reloads.with_label_values(&["success"]).inc();
+        self.metrics.last_reload_successful.set(1);
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or_default();
+        self.metrics.last_reload_success_timestamp.set(now);
+    }
+
+    /// Polls the file every `interval` and reloads on SIGHUP, until `stop`.
+    pub async fn watch(self: Arc<Self>, interval: Duration, stop: CancellationToken) {
+        let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .map_err(|e| tracing::warn!("cannot listen for SIGHUP, polling only: {e}"))
+            .ok();
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let force = tokio::select! {
+                _ = tick.tick() => false,
+                Some(()) = async {
+                    match hangup.as_mut() {
+                        Some(h) => h.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    tracing::info!("SIGHUP: reloading rules");
+                    true
+                }
+                () = stop.cancelled() => return,
+            };
+            // Failures are logged and counted inside.
+            let _ = self.reload(force).await;
+        }
+    }
+}

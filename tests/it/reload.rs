@@ -1,0 +1,286 @@
+//! Live reload of the rules: ConfigMap swaps, invalid versions, deletion,
+//! and reloads under load that never mix two versions.
+
+use std::os::unix::fs::symlink;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+
+use crate::support::*;
+
+fn rules_version(url: &str, version: &str) -> String {
+    format!(
+        r#"
+[destinations.down]
+url = "{url}"
+[[rules]]
+name = "{version}"
+forward = ["down"]
+"#
+    )
+}
+
+/// Writes `..{version}/rules.toml` and points `..data` at it atomically, as
+/// the kubelet does.
+fn configmap_swap(dir: &Path, version: &str, rules: &str) {
+    let versioned = dir.join(format!("..{version}"));
+    std::fs::create_dir(&versioned).unwrap();
+    std::fs::write(versioned.join("rules.toml"), rules).unwrap();
+    let tmp = dir.join("..data_tmp");
+    symlink(format!("..{version}"), &tmp).unwrap();
+    std::fs::rename(&tmp, dir.join("..data")).unwrap();
+}
+
+async fn rule_of_next_delivery(gw: &TestGateway, down: &Downstream, id: &str) -> String {
+    let before = down.received().len();
+    assert_eq!(gw.post(&job(id, &[]), "").await.status(), 200);
+    let got = down.wait_for(before + 1, Duration::from_secs(5)).await;
+    got[before].header("x-hookgate-rule").unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn configmap_symlink_swaps_reload_and_invalid_versions_keep_the_old_rules() {
+    let down = Downstream::start([]).await;
+    let url = down.url("/");
+    let (dir, path) = GatewayBuilder::new("")
+        .config("[rules]\nreload_interval = \"250ms\"")
+        .write();
+    let root = dir.path();
+    std::fs::remove_file(root.join("rules.toml")).unwrap();
+    configmap_swap(root, "v1", &rules_version(&url, "v1"));
+    symlink("..data/rules.toml", root.join("rules.toml")).unwrap();
+    let gw = TestGateway::launch(dir, path).await;
+    assert_eq!(rule_of_next_delivery(&gw, &down, "a").await, "v1");
+
+    configmap_swap(gw.dir(), "v2", &rules_version(&url, "v2"));
+    let mut n = 0;
+    let took = eventually(Duration::from_secs(5), "the v2 rules route", || {
+        n += 1;
+        let id = format!("b{n}");
+        let (gw, down) = (&gw, &down);
+        async move { rule_of_next_delivery(gw, down, &id).await == "v2" }
+    })
+    .await;
+    println!("v2 in force {took:?} after the swap");
+
+    configmap_swap(
+        gw.dir(),
+        "broken",
+        "[[rules]]\nname = \"x\"\nforward = [\"nowhere\"]\n",
+    );
+    eventually(
+        Duration::from_secs(5),
+        "the failed reload is counted",
+        || async {
+            gw.metrics()
+                .await
+                .get("hookgate_config_reloads_total", "result=\"failure\"")
+                == 1.0
+        },
+    )
+    .await;
+    let m = gw.metrics().await;
+    assert_eq!(m.get("hookgate_config_last_reload_successful", ""), 0.0);
+    assert_eq!(
+        rule_of_next_delivery(&gw, &down, "c").await,
+        "v2",
+        "the old rules must stay"
+    );
+    let ready = gw
+        .client
+        .get(format!("http://{}/readyz", gw.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        ready.status(),
+        200,
+        "a failed reload must not make the gateway unready"
+    );
+
+    configmap_swap(gw.dir(), "v3", &rules_version(&url, "v3"));
+    eventually(
+        Duration::from_secs(5),
+        "the fixed version loads",
+        || async {
+            gw.metrics()
+                .await
+                .get("hookgate_config_last_reload_successful", "")
+                == 1.0
+        },
+    )
+    .await;
+    assert_eq!(rule_of_next_delivery(&gw, &down, "d").await, "v3");
+    let m = gw.metrics().await;
+    assert_eq!(
+        m.get("hookgate_config_reloads_total", "result=\"success\""),
+        3.0
+    );
+    assert_eq!(m.get("hookgate_jobs_routed_total", "rule=\"v3\""), 1.0);
+    assert_eq!(
+        m.find("hookgate_jobs_routed_total", "rule=\"v1\""),
+        None,
+        "series of a removed rule remain"
+    );
+    gw.stop().await;
+}
+
+/// Two versions, each routing every job through two rules to two paths.
+/// A job routed by a mix would carry rule names of both versions.
+fn two_step_version(url: &str, v: &str) -> String {
+    format!(
+        r#"
+[destinations.first]
+url = "{url}first"
+[destinations.second]
+url = "{url}second"
+[[rules]]
+name = "{v}-first"
+forward = ["first"]
+continue = true
+[[rules]]
+name = "{v}-second"
+forward = ["second"]
+"#
+    )
+}
+
+#[tokio::test]
+async fn reloads_under_load_never_mix_versions() {
+    const TOKEN: &str = "reload-token-0123456789";
+    let down = Downstream::start([]).await;
+    let url = down.url("/");
+    let gw = Arc::new(
+        GatewayBuilder::new(two_step_version(&url, "a"))
+            .admin_token(TOKEN)
+            .config("[rules]\nreload_interval = \"1h\"")
+            .start()
+            .await,
+    );
+    // (reload sent, reload answered, version): the switch happens somewhere
+    // in between, so a version may be in force from its reload being sent
+    // until the next reload is answered.
+    let now = Instant::now();
+    let timeline = Arc::new(Mutex::new(vec![(now, now, "a")]));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut senders = Vec::new();
+    for worker in 0..4 {
+        let (gw, stop) = (gw.clone(), stop.clone());
+        senders.push(tokio::spawn(async move {
+            let mut sent = Vec::new();
+            let mut i = 0;
+            while !stop.is_cancelled() {
+                let id = format!("w{worker}-{i}");
+                let started = Instant::now();
+                let status = gw.post(&job(&id, &[]), "").await.status();
+                assert_eq!(status, 200, "{id} failed during reloads");
+                sent.push((id, started, Instant::now()));
+                i += 1;
+            }
+            sent
+        }));
+    }
+    let rules_path = gw.dir().join("rules.toml");
+    for n in 0..20 {
+        let version = if n % 2 == 0 { "b" } else { "a" };
+        let tmp = gw.dir().join("rules.toml.tmp");
+        std::fs::write(&tmp, two_step_version(&url, version)).unwrap();
+        std::fs::rename(&tmp, &rules_path).unwrap();
+        assert_eq!(
+            gw.reload(None).await.status(),
+            401,
+            "reload without a token must be refused"
+        );
+        assert_eq!(gw.reload(Some("wrong-token")).await.status(), 401);
+        let published = Instant::now();
+        let response = gw.reload(Some(TOKEN)).await;
+        assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+        timeline
+            .lock()
+            .await
+            .push((published, Instant::now(), version));
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    stop.cancel();
+    let mut sent = Vec::new();
+    for s in senders {
+        sent.extend(s.await.unwrap());
+    }
+    assert!(sent.len() >= 40, "only {} webhooks under load", sent.len());
+    let received = down.wait_for(2 * sent.len(), Duration::from_secs(10)).await;
+    let timeline = timeline.lock().await;
+    for (id, started, answered) in &sent {
+        let rules: Vec<&str> = received
+            .iter()
+            .filter(|r| r.header("x-hookgate-job-id") == Some(id.as_str()))
+            .map(|r| r.header("x-hookgate-rule").unwrap())
+            .collect();
+        assert_eq!(rules.len(), 2, "{id}: {rules:?}");
+        let version = rules[0].split('-').next().unwrap();
+        assert!(
+            rules.iter().all(|r| r.starts_with(&format!("{version}-"))),
+            "{id} routed by a mix: {rules:?}"
+        );
+        // Versions in force at some point between sending and the answer.
+        let in_force: Vec<&str> = timeline
+            .iter()
+            .enumerate()
+            .filter(|(i, (from, _, _))| {
+                let until = timeline.get(i + 1).map(|(_, acked, _)| *acked);
+                *from <= *answered && until.is_none_or(|u| u >= *started)
+            })
+            .map(|(_, (_, _, v))| *v)
+            .collect();
+        assert!(
+            in_force.contains(&version),
+            "{id} routed by {version}, in force then: {in_force:?}"
+        );
+    }
+    let m = gw.metrics().await;
+    assert_eq!(
+        m.get("hookgate_config_reloads_total", "result=\"success\""),
+        21.0
+    );
+    println!(
+        "{} webhooks across 20 reloads, none failed, none mixed",
+        sent.len()
+    );
+}
+
+/// Deleting the rules file keeps the rules in force; the failure is logged
+/// (by the real binary) and counted.
+#[tokio::test]
+async fn deleted_rules_file_keeps_the_rules() {
+    let down = Downstream::start([]).await;
+    let (dir, path) = GatewayBuilder::forward_all_to(&down.url("/"))
+        .config("[rules]\nreload_interval = \"200ms\"")
+        .write();
+    let gw = BinaryGateway::spawn(dir.path(), &path, &[]).await;
+    std::fs::remove_file(dir.path().join("rules.toml")).unwrap();
+    eventually(Duration::from_secs(5), "the failure is counted", || async {
+        gw.metrics()
+            .await
+            .get("hookgate_config_reloads_total", "result=\"failure\"")
+            == 1.0
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let m = gw.metrics().await;
+    assert_eq!(
+        m.get("hookgate_config_reloads_total", "result=\"failure\""),
+        1.0,
+        "counted once, not every poll"
+    );
+    assert_eq!(m.get("hookgate_config_last_reload_successful", ""), 0.0);
+    assert_eq!(gw.post(&job("still-routed", &[])).await.status(), 200);
+    assert_eq!(down.received().len(), 1);
+    let (code, log) = gw.stop().await;
+    assert_eq!(code, Some(0));
+    assert!(
+        log.contains("rules reload failed") && log.contains("No such file"),
+        "the failure is not logged:\n{log}"
+    );
+}
