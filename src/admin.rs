@@ -1,7 +1,7 @@
 //! The admin port: metrics, health, readiness, and the operator API
 //! (reload) behind a bearer token.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use http::{HeaderValue, StatusCode};
 use serde_json::json;
@@ -9,13 +9,17 @@ use tokio_util::sync::CancellationToken;
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
+use crate::dispatch::Dispatcher;
 use crate::metrics::Metrics;
 use crate::reload::{Reloaded, Reloader};
+use crate::spool::DeadFilter;
 
 pub struct AdminState {
     pub metrics: Arc<Metrics>,
     pub draining: CancellationToken,
     pub reloader: Arc<Reloader>,
+    /// Durable mode only: the spool's dead letters.
+    pub dispatcher: Option<Arc<Dispatcher>>,
     /// The bearer token for POSTs; with none configured they are refused.
     pub token: Option<String>,
 }
@@ -72,6 +76,9 @@ pub fn routes(
         .and(warp::get())
         .and(with_state.clone())
         .map(|state: Arc<AdminState>| {
+            if let Some(d) = &state.dispatcher {
+                d.refresh_gauges();
+            }
             let mut response = Response::new(state.metrics.encode().into());
             response.headers_mut().insert(
                 http::header::CONTENT_TYPE,
@@ -88,6 +95,15 @@ pub fn routes(
         .map(|state: Arc<AdminState>| {
             if state.draining.is_cancelled() {
                 text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+            } else if state
+                .dispatcher
+                .as_ref()
+                .is_some_and(|d| !d.spool().is_healthy())
+            {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the spool is not writable\n",
+                )
             } else {
                 text(StatusCode::OK, "ready\n")
             }
@@ -96,6 +112,15 @@ pub fn routes(
         .map(Some)
         .or(warp::any().map(|| None))
         .unify();
+    // Every operator call checks the token first.
+    let authorized = with_state.clone().and(authorization).and_then(
+        |state: Arc<AdminState>, auth: Option<HeaderValue>| async move {
+            match state.refuse(auth.as_ref()) {
+                None => Ok(state),
+                Some(refused) => Err(warp::reject::custom(Refused(Mutex::new(Some(refused))))),
+            }
+        },
+    );
     let reload = warp::path!("-" / "reload")
         .and(warp::post())
         .and(with_state)
@@ -113,6 +138,89 @@ pub fn routes(
                 ),
             }
         });
+    let dead_letters = warp::path!("admin" / "dead-letters");
+    let list = dead_letters
+        .and(warp::get())
+        .and(authorized.clone())
+        .and(warp::query::<ListQuery>())
+        .map(|state: Arc<AdminState>, q: ListQuery| {
+            with_spool(&state, |d| {
+                let filter = DeadFilter {
+                    destination: q.destination,
+                    job_id: q.job_id,
+                };
+                let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+                match d.spool().dead_letters(&filter, q.after, limit) {
+                    Ok(page) => {
+                        let next_after = page
+                            .last()
+                            .filter(|_| page.len() == limit)
+                            .map(|(id, _)| *id);
+                        let items: Vec<serde_json::Value> = page
+                            .into_iter()
+                            .map(|(id, r)| {
+                                json!({
+                                    "id": id,
+                                    "job_id": r.job_id,
+                                    "destination": r.destination,
+                                    "rule": r.rule,
+                                    "url": r.url,
+                                    "attempts": r.attempts,
+                                    "reason": r.dead_reason,
+                                    "last_error": r.last_error,
+                                    "accepted_at_ms": r.first_ms,
+                                    "last_attempt_at_ms": r.last_attempt_ms,
+                                    "dead_at_ms": r.dead_ms,
+                                })
+                            })
+                            .collect();
+                        json_reply(
+                            StatusCode::OK,
+                            &json!({ "dead_letters": items, "next_after": next_after }),
+                        )
+                    }
+                    Err(e) => json_reply(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        &json!({ "error": e.to_string() }),
+                    ),
+                }
+            })
+        });
+    let replay = warp::path!("admin" / "dead-letters" / "replay")
+        .and(warp::post())
+        .and(authorized.clone())
+        .and(warp::query::<FilterQuery>())
+        .then(|state: Arc<AdminState>, q: FilterQuery| async move {
+            let Some(d) = state.dispatcher.clone() else {
+                return no_spool();
+            };
+            match d.replay(q.filter()).await {
+                Ok(report) => json_reply(StatusCode::OK, &json!(report)),
+                Err(e) => json_reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &json!({ "error": e.to_string() }),
+                ),
+            }
+        });
+    let purge = dead_letters
+        .and(warp::delete())
+        .and(authorized)
+        .and(warp::query::<FilterQuery>())
+        .then(|state: Arc<AdminState>, q: FilterQuery| async move {
+            let Some(d) = state.dispatcher.clone() else {
+                return no_spool();
+            };
+            if !q.all && q.destination.is_none() && q.job_id.is_none() {
+                return json_reply(
+                    StatusCode::BAD_REQUEST,
+                    &json!({ "error": "name a destination or job_id, or pass all=true to purge every dead letter" }),
+                );
+            }
+            match d.purge(q.filter()).await {
+                Ok(purged) => json_reply(StatusCode::OK, &json!({ "purged": purged })),
+                Err(e) => json_reply(StatusCode::SERVICE_UNAVAILABLE, &json!({ "error": e.to_string() })),
+            }
+        });
     metrics
         .or(healthz)
         .unify()
@@ -120,6 +228,69 @@ pub fn routes(
         .unify()
         .or(reload)
         .unify()
+        .or(replay)
+        .unify()
+        .or(list)
+        .unify()
+        .or(purge)
+        .unify()
+        .recover(|rejection: Rejection| async move {
+            match rejection
+                .find::<Refused>()
+                .and_then(|r| r.0.lock().ok()?.take())
+            {
+                Some(response) => Ok(response),
+                None => Err(rejection),
+            }
+        })
+        .unify()
+}
+
+/// A refusal decided in a filter, carried out through warp's rejections.
+#[derive(Debug)]
+struct Refused(Mutex<Option<Response>>);
+
+impl warp::reject::Reject for Refused {}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    destination: Option<String>,
+    job_id: Option<String>,
+    after: Option<u64>,
+    limit: Option<usize>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FilterQuery {
+    destination: Option<String>,
+    job_id: Option<String>,
+    #[serde(default)]
+    all: bool,
+}
+
+impl FilterQuery {
+    fn filter(&self) -> DeadFilter {
+        DeadFilter {
+            destination: self.destination.clone(),
+            job_id: self.job_id.clone(),
+        }
+    }
+}
+
+fn no_spool() -> Response {
+    json_reply(
+        StatusCode::CONFLICT,
+        &json!({ "error": "delivery.mode is \"direct\": there is no spool and no dead letters" }),
+    )
+}
+
+fn with_spool(state: &AdminState, f: impl FnOnce(&Dispatcher) -> Response) -> Response {
+    match &state.dispatcher {
+        Some(d) => f(d),
+        None => no_spool(),
+    }
 }
 
 #[cfg(test)]

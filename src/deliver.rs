@@ -41,28 +41,51 @@ pub struct Delivery {
 }
 
 impl Delivery {
+    /// A delivery of a job routed just now (direct mode).
     pub fn new(verified: &Verified, job_id: &str, route: &Route<'_>, url: Url) -> Self {
+        Self::build(
+            route.destination.name.clone(),
+            url,
+            route.headers().map(|(n, v)| (n.clone(), v.clone())),
+            route.rule.name.as_str(),
+            job_id,
+            verified.signature().cloned(),
+            verified.body().clone(),
+        )
+    }
+
+    /// Every forwarded request carries the original body and signature,
+    /// the rule that sent it and the job id, after the configured headers.
+    pub fn build(
+        destination: DestinationName,
+        url: Url,
+        configured: impl Iterator<Item = (HeaderName, HeaderValue)>,
+        rule: &str,
+        job_id: &str,
+        signature: Option<HeaderValue>,
+        body: Bytes,
+    ) -> Self {
         let mut headers = HeaderMap::with_capacity(8);
-        for (name, value) in route.headers() {
-            headers.insert(name.clone(), value.clone());
+        for (name, value) in configured {
+            headers.insert(name, value);
         }
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        if let Some(signature) = verified.signature() {
-            headers.insert(HEADER_SIGNATURE, signature.clone());
+        if let Some(signature) = signature {
+            headers.insert(HEADER_SIGNATURE, signature);
         }
         // Rule names and job ids are checked to be header-safe when they
-        // are read; the fallback only keeps this path panic-free.
-        if let Ok(rule) = HeaderValue::from_str(route.rule.name.as_str()) {
+        // are read; skipping a bad one only keeps this path panic-free.
+        if let Ok(rule) = HeaderValue::from_str(rule) {
             headers.insert(HEADER_RULE, rule);
         }
         if let Ok(id) = HeaderValue::from_str(job_id) {
             headers.insert(HEADER_JOB_ID, id);
         }
         Self {
-            destination: route.destination.name.clone(),
+            destination,
             url,
             headers,
-            body: verified.body().clone(),
+            body,
         }
     }
 }
@@ -127,7 +150,7 @@ impl Outcome {
         }
     }
 
-    fn retry_after(&self) -> Option<Duration> {
+    pub fn retry_after(&self) -> Option<Duration> {
         match self {
             Self::Failed { retry_after, .. } => *retry_after,
             _ => None,
@@ -184,14 +207,21 @@ impl Forwarder {
         })
     }
 
-    pub fn policy(&self, destination: &Destination) -> Policy {
+    /// The destination's limits; the defaults for one that is no longer
+    /// in the rules (deliveries accepted before a reload removed it).
+    pub fn policy(&self, destination: Option<&Destination>) -> Policy {
+        let Some(d) = destination else {
+            return self.defaults;
+        };
         Policy {
-            timeout: destination.timeout.unwrap_or(self.defaults.timeout),
-            max_attempts: destination
-                .max_attempts
-                .unwrap_or(self.defaults.max_attempts),
-            concurrency: destination.concurrency.unwrap_or(self.defaults.concurrency),
+            timeout: d.timeout.unwrap_or(self.defaults.timeout),
+            max_attempts: d.max_attempts.unwrap_or(self.defaults.max_attempts),
+            concurrency: d.concurrency.unwrap_or(self.defaults.concurrency),
         }
+    }
+
+    pub fn backoff(&self) -> Backoff {
+        self.backoff
     }
 
     fn limit(&self, destination: &DestinationName, concurrency: usize) -> Arc<Semaphore> {

@@ -1,8 +1,10 @@
-//! One webhook's way through hookgate: verify → parse → route → deliver,
-//! and the answer the sender gets. The HTTP layer only reads the request
-//! (within its limits) and writes the [`Reply`].
+//! One webhook's way through hookgate: verify → parse → route → deliver
+//! (inline, or to the durable spool), and the answer the sender gets. The
+//! HTTP layer only reads the request (within its limits) and writes the
+//! [`Reply`].
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::future::join_all;
@@ -11,13 +13,14 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::DeliveryConfig;
 use crate::deliver::{Delivery, Forwarder, Outcome};
+use crate::dispatch::{Dispatcher, records_for};
 use crate::job::{Job, JobError};
 use crate::metrics::Metrics;
 use crate::query::Query;
-use crate::rules::{Input, RuleSet, UNROUTED};
-use crate::verify::{SignatureError, Verifier};
+use crate::rules::{Decision, Input, RuleSet, UNROUTED};
+use crate::spool::{Accepted, NewJob, SpoolError, StoredJob, unix_ms};
+use crate::verify::{SignatureError, Verified, Verifier};
 
 /// A webhook request as read off the wire.
 #[derive(Debug)]
@@ -39,6 +42,8 @@ pub enum Rejection {
     NotAJob(#[from] JobError),
     #[error("the request body was not received: {0}")]
     Incomplete(String),
+    #[error("not accepted, retry later: {0}")]
+    Overloaded(#[from] SpoolError),
     #[error("the gateway is shutting down")]
     Draining,
 }
@@ -49,6 +54,7 @@ impl Rejection {
             Self::Signature(e) => e.reason(),
             Self::TooLarge { .. } => "too_large",
             Self::NotAJob(_) | Self::Incomplete(_) => "malformed",
+            Self::Overloaded(_) => "overloaded",
             Self::Draining => "draining",
         }
     }
@@ -59,7 +65,16 @@ impl Rejection {
             Self::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::NotAJob(_) => StatusCode::BAD_REQUEST,
             Self::Incomplete(_) => StatusCode::REQUEST_TIMEOUT,
-            Self::Draining => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Overloaded(_) | Self::Draining => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// Refusals the sender should retry come with `Retry-After`.
+    pub fn retry_after(&self) -> Option<&'static str> {
+        match self {
+            Self::Overloaded(_) => Some("10"),
+            Self::Draining => Some("5"),
+            _ => None,
         }
     }
 }
@@ -67,7 +82,8 @@ impl Rejection {
 /// The answer to a webhook.
 #[derive(Debug)]
 pub enum Reply {
-    /// Delivered (direct mode), dropped by a rule, or a duplicate.
+    /// Delivered (direct), stored (durable: 202), dropped by a rule, or a
+    /// duplicate.
     Done {
         status: StatusCode,
         job_id: String,
@@ -80,12 +96,23 @@ pub enum Reply {
     },
 }
 
+/// Where a routed webhook goes next.
+pub enum Dispatch {
+    /// Forward inline within `deadline`; answer 200 only if every
+    /// destination took it.
+    Direct {
+        forwarder: Forwarder,
+        deadline: Duration,
+    },
+    /// Store durably, answer 202, deliver from the spool.
+    Durable(Arc<Dispatcher>),
+}
+
 pub struct Gateway {
     verifier: Verifier,
     rules: watch::Receiver<Arc<RuleSet>>,
-    forwarder: Forwarder,
+    dispatch: Dispatch,
     metrics: Arc<Metrics>,
-    delivery: DeliveryConfig,
     draining: CancellationToken,
 }
 
@@ -93,17 +120,15 @@ impl Gateway {
     pub fn new(
         verifier: Verifier,
         rules: watch::Receiver<Arc<RuleSet>>,
-        forwarder: Forwarder,
+        dispatch: Dispatch,
         metrics: Arc<Metrics>,
-        delivery: DeliveryConfig,
         draining: CancellationToken,
     ) -> Self {
         Self {
             verifier,
             rules,
-            forwarder,
+            dispatch,
             metrics,
-            delivery,
             draining,
         }
     }
@@ -141,6 +166,13 @@ impl Gateway {
             Ok(job) => job,
             Err(e) => return self.reject(e.into()),
         };
+        if let Dispatch::Durable(dispatcher) = &self.dispatch {
+            match dispatcher.spool().seen(&job.job_id) {
+                Ok(true) => return self.duplicate(&job),
+                Ok(false) => {}
+                Err(e) => return self.reject(e.into()),
+            }
+        }
         self.metrics.observe_job(&job);
         let query = Query::new(webhook.query.as_deref(), job.callback_url.as_deref());
         // One version of the rules for the whole webhook, even if a reload
@@ -150,17 +182,9 @@ impl Gateway {
             job: &job,
             query: &query,
         });
-        let job_id = job.job_id.to_string();
         if decision.is_unrouted() {
             self.metrics.routed.with_label_values(&[UNROUTED]).inc();
-            tracing::error!(
-                job_id,
-                "no rule matched: not forwarded (add a catch-all rule)"
-            );
-            return Reply::NotDelivered {
-                status: StatusCode::BAD_GATEWAY,
-                job_id,
-            };
+            tracing::error!(job_id = %job.job_id, "no rule matched: not forwarded (add a catch-all rule)");
         }
         for rule in &decision.matched {
             self.metrics
@@ -168,17 +192,89 @@ impl Gateway {
                 .with_label_values(&[rule.name.as_str()])
                 .inc();
         }
-        let deadline = Instant::now() + self.delivery.direct_deadline;
+        match &self.dispatch {
+            Dispatch::Direct {
+                forwarder,
+                deadline,
+            } => {
+                self.forward(
+                    forwarder,
+                    Instant::now() + *deadline,
+                    &verified,
+                    &job,
+                    &decision,
+                )
+                .await
+            }
+            Dispatch::Durable(dispatcher) => {
+                self.store(dispatcher, &verified, &job, webhook.query, &decision)
+                    .await
+            }
+        }
+    }
+
+    fn duplicate(&self, job: &Job<'_>) -> Reply {
+        self.metrics.duplicate.inc();
+        tracing::info!(job_id = %job.job_id, "duplicate job id within the dedupe window: acknowledged, not forwarded again");
+        Reply::Done {
+            status: StatusCode::ACCEPTED,
+            job_id: job.job_id.to_string(),
+        }
+    }
+
+    async fn store(
+        &self,
+        dispatcher: &Arc<Dispatcher>,
+        verified: &Verified,
+        job: &Job<'_>,
+        query: Option<String>,
+        decision: &Decision<'_>,
+    ) -> Reply {
+        let now = unix_ms();
+        let new = NewJob {
+            job: StoredJob {
+                job_id: job.job_id.to_string(),
+                signature: verified
+                    .signature()
+                    .map(|s| Bytes::copy_from_slice(s.as_bytes())),
+                query,
+                accepted_ms: now,
+                body: verified.body().clone(),
+            },
+            records: records_for(decision, &job.job_id, now),
+        };
+        match dispatcher.accept(new).await {
+            Ok(Accepted::New { .. }) => Reply::Done {
+                status: StatusCode::ACCEPTED,
+                job_id: job.job_id.to_string(),
+            },
+            Ok(Accepted::Duplicate) => self.duplicate(job),
+            Err(e) => self.reject(e.into()),
+        }
+    }
+
+    async fn forward(
+        &self,
+        forwarder: &Forwarder,
+        deadline: Instant,
+        verified: &Verified,
+        job: &Job<'_>,
+        decision: &Decision<'_>,
+    ) -> Reply {
+        let job_id = job.job_id.to_string();
+        if decision.is_unrouted() {
+            return Reply::NotDelivered {
+                status: StatusCode::BAD_GATEWAY,
+                job_id,
+            };
+        }
         let mut deliveries = Vec::with_capacity(decision.routes.len());
         let mut failed: Option<Outcome> = None;
         for route in &decision.routes {
             match &route.url {
                 Ok(url) => {
-                    let policy = self.forwarder.policy(route.destination);
-                    deliveries.push((
-                        Delivery::new(&verified, &job_id, route, url.clone()),
-                        policy,
-                    ));
+                    let policy = forwarder.policy(Some(route.destination));
+                    deliveries.push((Delivery::new(verified, &job_id, route, url.clone()), policy));
                 }
                 Err(e) => {
                     tracing::error!(job_id, destination = %route.destination.name, rule = %route.rule.name, "not forwarded: {e}");
@@ -187,7 +283,7 @@ impl Gateway {
             }
         }
         let results = join_all(deliveries.iter().map(|(d, policy)| async move {
-            (d, self.forwarder.deliver_before(d, *policy, deadline).await)
+            (d, forwarder.deliver_before(d, *policy, deadline).await)
         }))
         .await;
         for (delivery, result) in results {
@@ -198,19 +294,16 @@ impl Gateway {
                 }
             }
         }
-        match failed {
-            None => Reply::Done {
-                status: StatusCode::OK,
-                job_id,
-            },
-            Some(Outcome::Timeout) => Reply::NotDelivered {
-                status: StatusCode::GATEWAY_TIMEOUT,
-                job_id,
-            },
-            Some(_) => Reply::NotDelivered {
-                status: StatusCode::BAD_GATEWAY,
-                job_id,
-            },
-        }
+        let status = match failed {
+            None => {
+                return Reply::Done {
+                    status: StatusCode::OK,
+                    job_id,
+                };
+            }
+            Some(Outcome::Timeout) => StatusCode::GATEWAY_TIMEOUT,
+            Some(_) => StatusCode::BAD_GATEWAY,
+        };
+        Reply::NotDelivered { status, job_id }
     }
 }

@@ -6,8 +6,8 @@
 //! which are what gets forwarded.
 
 use std::borrow::Cow;
-use std::cell::OnceCell;
 use std::fmt;
+use std::sync::OnceLock;
 
 use serde::Deserialize;
 
@@ -95,7 +95,7 @@ pub struct Job<'a> {
     pub is_error: bool,
     pub categories: Vec<Category<'a>>,
     raw: &'a [u8],
-    value: OnceCell<Option<serde_json::Value>>,
+    value: OnceLock<Option<serde_json::Value>>,
 }
 
 impl<'a> Job<'a> {
@@ -138,7 +138,7 @@ impl<'a> Job<'a> {
             is_error,
             categories,
             raw,
-            value: OnceCell::new(),
+            value: OnceLock::new(),
         })
     }
 

@@ -15,6 +15,9 @@
 //!   [`rules::Decision`] out; also reads and checks `rules.toml`.
 //! - [`deliver`]: HTTP attempts to destinations, classified and retried
 //!   with [`backoff`].
+//! - [`spool`]: the crash-safe on-disk queue (redb, group commit);
+//!   [`dispatch`]: the per-destination workers that drain it, deciding
+//!   with [`schedule`] when to retry and when to give up.
 //! - [`metrics`]: the Prometheus registry everything above reports to.
 //! - [`reload`]: watches the rules file and publishes each valid version
 //!   whole.
@@ -30,13 +33,16 @@ pub mod admin;
 pub mod backoff;
 pub mod config;
 pub mod deliver;
+pub mod dispatch;
 pub mod gateway;
 pub mod job;
 pub mod metrics;
 pub mod query;
 pub mod reload;
 pub mod rules;
+pub mod schedule;
 pub mod server;
+pub mod spool;
 pub mod tools;
 pub mod verify;
 
@@ -46,13 +52,16 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::AdminState;
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, Mode};
 use crate::deliver::{ClientError, Forwarder};
+use crate::dispatch::Dispatcher;
+use crate::gateway::Dispatch;
 use crate::gateway::Gateway;
 use crate::metrics::Metrics;
 use crate::reload::Reloader;
 use crate::rules::LoadError;
 use crate::server::ConnLimits;
+use crate::spool::{OpenError, Spool};
 use crate::verify::Verifier;
 
 /// The two ports, bound by the caller (tests bind port 0).
@@ -70,8 +79,8 @@ pub enum Error {
     Rules(#[from] LoadError),
     #[error(transparent)]
     Client(#[from] ClientError),
-    #[error("{0}")]
-    Unsupported(String),
+    #[error(transparent)]
+    Spool(#[from] OpenError),
     #[error("cannot use the listening socket: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -84,12 +93,6 @@ pub async fn run(
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
-    if config.delivery.mode == config::Mode::Durable {
-        return Err(Error::Unsupported(format!(
-            "{}: delivery.mode = \"durable\" is not available in this build; set delivery.mode = \"direct\"",
-            config.source.display()
-        )));
-    }
     let (secrets, warnings) = config.secrets()?;
     for warning in warnings {
         tracing::warn!("{warning}");
@@ -117,12 +120,24 @@ pub async fn run(
     let draining = CancellationToken::new();
     let in_flight = TaskTracker::new();
     let forwarder = Forwarder::new(&config.delivery, metrics.clone())?;
+    let (dispatch, dispatcher) = match config.delivery.mode {
+        Mode::Direct => (
+            Dispatch::Direct {
+                forwarder,
+                deadline: config.delivery.direct_deadline,
+            },
+            None,
+        ),
+        Mode::Durable => {
+            let dispatcher = open_spool(&config, forwarder, metrics.clone(), rules_rx.clone())?;
+            (Dispatch::Durable(dispatcher.clone()), Some(dispatcher))
+        }
+    };
     let gateway = Arc::new(Gateway::new(
         Verifier::new(secrets),
         rules_rx,
-        forwarder,
+        dispatch,
         metrics.clone(),
-        config.delivery.clone(),
         draining.clone(),
     ));
 
@@ -166,6 +181,7 @@ pub async fn run(
             metrics,
             draining: draining.clone(),
             reloader: reloader.clone(),
+            dispatcher: dispatcher.clone(),
             token: admin_token,
         })),
         limits,
@@ -176,14 +192,61 @@ pub async fn run(
     tokio::spawn(reloader.watch(config.rules.reload_interval, stop.clone()));
 
     shutdown.cancelled().await;
+    let deadline = tokio::time::Instant::now() + grace;
     tracing::info!(grace = ?grace, "shutting down: refusing new webhooks, finishing those in flight");
     draining.cancel();
     in_flight.close();
-    if tokio::time::timeout(grace, in_flight.wait()).await.is_err() {
+    if tokio::time::timeout_at(deadline, in_flight.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!("webhooks still in flight after the grace period: their senders will retry");
+    }
+    if let Some(dispatcher) = dispatcher {
+        // Deliveries not finished by then stay pending in the spool.
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        dispatcher.shutdown(left.saturating_sub(close_grace)).await;
     }
     stop.cancel();
     let _ = tokio::join!(webhook_server, admin_server);
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Opens the spool and resumes what it holds.
+fn open_spool(
+    config: &Config,
+    forwarder: Forwarder,
+    metrics: Arc<Metrics>,
+    rules: tokio::sync::watch::Receiver<Arc<rules::RuleSet>>,
+) -> Result<Arc<Dispatcher>, Error> {
+    let (spool, recovered) = Spool::open(
+        &config.spool.path,
+        config.spool.max_bytes.0,
+        config.dedupe.window,
+    )?;
+    if let Some(aside) = &recovered.moved_aside {
+        tracing::error!(
+            spool = %config.spool.path.display(),
+            moved_to = %aside.display(),
+            "THE SPOOL FILE WAS DAMAGED: it was moved aside and an empty spool started; \
+             webhooks accepted into the damaged file are not delivered from it"
+        );
+    }
+    tracing::info!(
+        pending = recovered.pending.len(),
+        dead_letters = recovered.dead_by_destination.values().sum::<i64>(),
+        bytes = spool.bytes(),
+        path = %config.spool.path.display(),
+        "spool opened"
+    );
+    let dispatcher = Dispatcher::new(
+        Arc::new(spool),
+        Arc::new(forwarder),
+        metrics,
+        rules,
+        config.delivery.max_age,
+    );
+    dispatcher.resume(recovered.pending, recovered.dead_by_destination);
+    Ok(dispatcher)
 }

@@ -31,9 +31,6 @@ pub struct ConnLimits {
     pub max_connections: usize,
 }
 
-/// How long a draining gateway tells senders to wait.
-const RETRY_AFTER_DRAINING: &str = "5";
-
 /// The webhook port: `POST {path}` and nothing else (404 / 405 otherwise).
 pub fn webhook_routes(
     gateway: Arc<Gateway>,
@@ -154,11 +151,12 @@ fn render(reply: Reply) -> Response {
         ),
     };
     let mut response = warp::reply::with_status(warp::reply::json(&body), status).into_response();
-    if let Reply::Rejected(Rejection::Draining) = reply {
-        response.headers_mut().insert(
-            http::header::RETRY_AFTER,
-            HeaderValue::from_static(RETRY_AFTER_DRAINING),
-        );
+    if let Reply::Rejected(r) = &reply {
+        if let Some(seconds) = r.retry_after() {
+            response
+                .headers_mut()
+                .insert(http::header::RETRY_AFTER, HeaderValue::from_static(seconds));
+        }
     }
     response
 }

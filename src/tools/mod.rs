@@ -16,7 +16,7 @@ mod route;
 
 pub use route::{route, test};
 
-use crate::config::{Config, Mode};
+use crate::config::Config;
 use crate::rules::RuleSet;
 use crate::verify::{self, Secret, Verifier};
 
@@ -31,13 +31,6 @@ pub fn check(config_path: &Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    if config.delivery.mode == Mode::Durable {
-        eprintln!(
-            "error: {}: delivery.mode = \"durable\" is not available in this build; set delivery.mode = \"direct\"",
-            config_path.display()
-        );
-        errors += 1;
-    }
     if config.verify.secrets.is_empty() && config.verify.required {
         eprintln!(
             "error: {}: verify.secrets is empty and verify.required is true: the gateway would refuse to start",
