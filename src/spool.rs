@@ -511,13 +511,15 @@ impl Spool {
     }
 }
 
+/// Errors that say the file itself is unreadable, as opposed to the
+/// system (permissions, a second process holding the lock).
 fn is_damage(e: &redb::DatabaseError) -> bool {
-    matches!(
-        e,
-        redb::DatabaseError::Storage(redb::StorageError::Corrupted(_))
-            | redb::DatabaseError::UpgradeRequired(_)
-            | redb::DatabaseError::RepairAborted
-    )
+    use redb::{DatabaseError as D, StorageError as S};
+    match e {
+        D::Storage(S::Corrupted(_)) | D::UpgradeRequired(_) | D::RepairAborted => true,
+        D::Storage(S::Io(io)) => io.kind() == std::io::ErrorKind::InvalidData,
+        _ => false,
+    }
 }
 
 /// Reads what the spool holds: pending deliveries, dead letter counts, the

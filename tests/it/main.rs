@@ -2,6 +2,7 @@
 //! downstream HTTP servers, observed through its answers and `/metrics`.
 
 mod cli;
+mod durable;
 mod ingress;
 mod reload;
 mod routing;

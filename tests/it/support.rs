@@ -81,7 +81,12 @@ pub struct Downstream {
 
 impl Downstream {
     pub async fn start(script: impl IntoIterator<Item = Answer>) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on("127.0.0.1:0".parse().unwrap(), script).await
+    }
+
+    /// On a given address: a downstream that was "down" comes back.
+    pub async fn start_on(addr: SocketAddr, script: impl IntoIterator<Item = Answer>) -> Self {
+        let listener = TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(Mutex::new(DownstreamState {
             script: script.into_iter().collect(),
@@ -201,10 +206,25 @@ async fn serve_conn(
     }
 }
 
+/// Merges `extra`'s tables into `config`'s, key by key.
+fn merge(config: &mut toml::Table, extra: toml::Table) {
+    for (section, values) in extra {
+        let toml::Value::Table(values) = values else {
+            panic!("config() takes tables")
+        };
+        match config.get_mut(&section) {
+            Some(toml::Value::Table(t)) => t.extend(values),
+            _ => {
+                config.insert(section, toml::Value::Table(values));
+            }
+        }
+    }
+}
+
 /// Builds a gateway config in a temporary directory.
 pub struct GatewayBuilder {
     rules: String,
-    extra: String,
+    extra: toml::Table,
     secrets: Vec<(String, String)>,
     token: Option<String>,
 }
@@ -213,7 +233,7 @@ impl GatewayBuilder {
     pub fn new(rules: impl Into<String>) -> Self {
         Self {
             rules: rules.into(),
-            extra: String::new(),
+            extra: toml::Table::new(),
             secrets: vec![("current".into(), SECRET.into())],
             token: None,
         }
@@ -228,8 +248,7 @@ impl GatewayBuilder {
 
     /// More TOML for the gateway file (whole tables).
     pub fn config(mut self, toml: &str) -> Self {
-        self.extra.push_str(toml);
-        self.extra.push('\n');
+        merge(&mut self.extra, toml.parse().unwrap());
         self
     }
 
@@ -252,22 +271,13 @@ impl GatewayBuilder {
         }
         let base = format!(
             "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:1\"\n[verify]\nsecrets = [{}]\n[log]\nformat = \"text\"\n\
-             [delivery]\nmode = \"direct\"\nbackoff_initial = \"10ms\"\nbackoff_max = \"100ms\"\ntimeout = \"2s\"\ndirect_deadline = \"5s\"\n",
+             [delivery]\nmode = \"direct\"\nbackoff_initial = \"10ms\"\nbackoff_max = \"100ms\"\ntimeout = \"2s\"\ndirect_deadline = \"5s\"\n\
+             [spool]\npath = \"{}\"\n",
             secrets.join(", "),
+            dir.path().join("spool").display(),
         );
         let mut config: toml::Table = base.parse().unwrap();
-        let extra: toml::Table = self.extra.parse().unwrap();
-        for (section, values) in extra {
-            let toml::Value::Table(values) = values else {
-                panic!("config() takes tables")
-            };
-            match config.get_mut(&section) {
-                Some(toml::Value::Table(t)) => t.extend(values),
-                _ => {
-                    config.insert(section, toml::Value::Table(values));
-                }
-            }
-        }
+        merge(&mut config, self.extra.clone());
         let path = dir.path().join("hookgate.toml");
         std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
         std::fs::write(dir.path().join("rules.toml"), &self.rules).unwrap();
@@ -414,6 +424,16 @@ impl TestGateway {
                 .unwrap();
         }
     }
+
+    /// Stops cleanly and starts again on the same files (and spool).
+    pub async fn restart(mut self) -> Self {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            task.await.unwrap().unwrap();
+        }
+        let path = self._dir.path().join("hookgate.toml");
+        Self::launch(self._dir, path).await
+    }
 }
 
 /// A `/metrics` exposition, read as PromQL would select series.
@@ -459,6 +479,7 @@ pub struct BinaryGateway {
     pub webhook: SocketAddr,
     pub admin: SocketAddr,
     child: Option<std::process::Child>,
+    log: Arc<Mutex<String>>,
     pub client: reqwest::Client,
 }
 
@@ -467,7 +488,18 @@ impl BinaryGateway {
     pub async fn spawn(cwd: &Path, config: &Path, envs: &[(&str, &str)]) -> Self {
         let webhook: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let child = std::process::Command::new(assert_cmd::cargo::cargo_bin!("hookgate"))
+        Self::spawn_on(cwd, config, envs, webhook, admin).await
+    }
+
+    /// As [`BinaryGateway::spawn`], on given ports (a restart keeps them).
+    pub async fn spawn_on(
+        cwd: &Path,
+        config: &Path,
+        envs: &[(&str, &str)],
+        webhook: SocketAddr,
+        admin: SocketAddr,
+    ) -> Self {
+        let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin!("hookgate"))
             .arg("serve")
             .arg("--config")
             .arg(config)
@@ -478,10 +510,27 @@ impl BinaryGateway {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
+        // Drained as it comes, so a chatty child never blocks on a full pipe.
+        let log = Arc::new(Mutex::new(String::new()));
+        let mut stderr = child.stderr.take().unwrap();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            use std::io::Read;
+            let mut buf = [0u8; 8192];
+            while let Ok(n) = stderr.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
         let gw = Self {
             webhook,
             admin,
             child: Some(child),
+            log,
             client: hookgate::deliver::client_builder().build().unwrap(),
         };
         for _ in 0..500 {
@@ -514,6 +563,13 @@ impl BinaryGateway {
         Metrics(text.text().await.unwrap())
     }
 
+    /// SIGKILL: no chance to flush anything.
+    pub fn kill9(mut self) {
+        let mut child = self.child.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
     /// SIGTERM, then the exit code and everything logged.
     pub async fn stop(mut self) -> (Option<i32>, String) {
         let child = self.child.take().unwrap();
@@ -522,14 +578,16 @@ impl BinaryGateway {
             .status()
             .unwrap();
         assert!(kill.success());
-        let output = tokio::task::spawn_blocking(move || child.wait_with_output())
-            .await
-            .unwrap()
-            .unwrap();
-        (
-            output.status.code(),
-            String::from_utf8_lossy(&output.stderr).into_owned(),
-        )
+        let status = tokio::task::spawn_blocking(move || {
+            let mut child = child;
+            child.wait()
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        // Let the reader thread take the last lines.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        (status.code(), self.log.lock().unwrap().clone())
     }
 }
 
