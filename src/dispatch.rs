@@ -289,7 +289,8 @@ impl Dispatcher {
                         record.next_ms =
                             unix_ms() + at.saturating_duration_since(now).as_millis() as u64;
                         tracing::debug!(id, destination = %lane.name, attempts = record.attempts, "{failed}; retrying in {:?}", at - now);
-                        if let Err(e) = self.spool.update(id, record.clone()) {
+                        if let Err(e) = self.spool.update(id, record.clone()).await {
+                            // Still retried: at worst the attempt is not counted.
                             tracing::error!(id, "cannot record a failed attempt: {e}");
                         }
                         lane.push(id, at, record.first_ms);

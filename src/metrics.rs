@@ -57,6 +57,8 @@ const KNOWN_CATEGORIES: &[&str] = &[
 
 const OTHER: &str = "other";
 
+const KNOWN_RISK_LEVELS: [&str; 3] = ["LOW", "MEDIUM", "HIGH"];
+
 /// Latencies inside a cluster: from a fraction of a millisecond to the
 /// tens of seconds of a slow downstream.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -229,6 +231,12 @@ impl Metrics {
         for result in ["success", "failure"] {
             m.reloads.with_label_values(&[result]);
         }
+        for risk in KNOWN_RISK_LEVELS {
+            for category in m.categories.iter().map(String::as_str).chain([OTHER]) {
+                m.flagged.with_label_values(&[risk, category]);
+            }
+        }
+        m.flagged.with_label_values(&[OTHER, OTHER]);
         m
     }
 

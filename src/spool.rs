@@ -230,6 +230,7 @@ enum Op {
     Update {
         id: u64,
         record: Box<Record>,
+        reply: oneshot::Sender<Result<(), SpoolError>>,
     },
     Complete {
         id: u64,
@@ -405,12 +406,16 @@ impl Spool {
         Ok(Some((record, job)))
     }
 
-    /// Records a failed attempt (queued; committed with the next batch).
-    pub fn update(&self, id: u64, record: Record) -> Result<(), SpoolError> {
+    /// Records a failed attempt; returns once committed, so that the next
+    /// attempt reads the attempt count it wrote.
+    pub async fn update(&self, id: u64, record: Record) -> Result<(), SpoolError> {
+        let (reply, answer) = oneshot::channel();
         self.send(Op::Update {
             id,
             record: Box::new(record),
-        })
+            reply,
+        })?;
+        answer.await.map_err(|_| SpoolError::Closed)?
     }
 
     /// The delivery succeeded: forget it (and the job once unused).
@@ -577,45 +582,22 @@ struct Writer {
     last_sweep_ms: u64,
 }
 
-/// A reply to send once the batch's commit is known.
-enum Reply {
-    Accept(
-        oneshot::Sender<Result<Accepted, SpoolError>>,
-        Result<Accepted, SpoolError>,
-    ),
-    Replay(
-        oneshot::Sender<Result<Vec<(u64, Record)>, SpoolError>>,
-        Result<Vec<(u64, Record)>, SpoolError>,
-    ),
-    Purge(
-        oneshot::Sender<Result<Vec<Record>, SpoolError>>,
-        Result<Vec<Record>, SpoolError>,
-    ),
-    Reroute(
-        oneshot::Sender<Result<Stored, SpoolError>>,
-        Result<Stored, SpoolError>,
-    ),
-}
+/// A reply to send once the batch's commit is known: a failed commit
+/// turns every result of the batch into that failure.
+type Reply = Box<dyn FnOnce(Result<(), &SpoolError>) + Send>;
 
-impl Reply {
-    fn send(self, commit: &Result<(), SpoolError>) {
-        fn pick<T>(
-            result: Result<T, SpoolError>,
-            commit: &Result<(), SpoolError>,
-        ) -> Result<T, SpoolError> {
-            match commit {
-                Ok(()) => result,
-                Err(e) => Err(SpoolError::Storage(e.to_string())),
-            }
-        }
-        // A requester that went away (its connection closed) is not an error.
-        let _ = match self {
-            Reply::Accept(tx, r) => tx.send(pick(r, commit)).map_err(drop),
-            Reply::Replay(tx, r) => tx.send(pick(r, commit)).map_err(drop),
-            Reply::Purge(tx, r) => tx.send(pick(r, commit)).map_err(drop),
-            Reply::Reroute(tx, r) => tx.send(pick(r, commit)).map_err(drop),
+fn reply<T: Send + 'static>(
+    tx: oneshot::Sender<Result<T, SpoolError>>,
+    result: Result<T, SpoolError>,
+) -> Reply {
+    Box::new(move |commit| {
+        let result = match commit {
+            Ok(()) => result,
+            Err(e) => Err(SpoolError::Storage(e.to_string())),
         };
-    }
+        // A requester that went away (its connection closed) is not an error.
+        let _ = tx.send(result);
+    })
 }
 
 impl Writer {
@@ -664,8 +646,8 @@ impl Writer {
                     .unwrap_or_default()
             );
         }
-        for reply in replies {
-            reply.send(&result);
+        for send in replies {
+            send(result.as_ref().map(|_| ()));
         }
     }
 
@@ -684,15 +666,20 @@ impl Writer {
             let now = unix_ms();
             for op in batch.drain(..) {
                 match op {
-                    Op::Accept { job, reply } => {
+                    Op::Accept { job, reply: tx } => {
                         let result = self.accept(&mut t, job, now);
-                        replies.push(Reply::Accept(reply, result));
+                        replies.push(reply(tx, result));
                     }
-                    Op::Update { id, record } => {
+                    Op::Update {
+                        id,
+                        record,
+                        reply: tx,
+                    } => {
                         if t.deliveries.get(id)?.is_some() {
                             t.deliveries
                                 .insert(id, serde_json::to_vec(&record)?.as_slice())?;
                         }
+                        replies.push(reply(tx, Ok(())));
                     }
                     Op::Complete { id } => {
                         let removed = t.deliveries.remove(id)?.map(|raw| {
@@ -716,23 +703,23 @@ impl Writer {
                     Op::Replay {
                         filter,
                         now_ms,
-                        reply,
+                        reply: tx,
                     } => {
                         let result = self.replay(&mut t, &filter, now_ms);
-                        replies.push(Reply::Replay(reply, result));
+                        replies.push(reply(tx, result));
                     }
-                    Op::Purge { filter, reply } => {
+                    Op::Purge { filter, reply: tx } => {
                         let result = self.purge(&mut t, &filter);
-                        replies.push(Reply::Purge(reply, result));
+                        replies.push(reply(tx, result));
                     }
                     Op::Reroute {
                         dead_id,
                         job,
                         records,
-                        reply,
+                        reply: tx,
                     } => {
                         let result = self.reroute(&mut t, dead_id, job, records);
-                        replies.push(Reply::Reroute(reply, result));
+                        replies.push(reply(tx, result));
                     }
                     Op::Close => {}
                 }

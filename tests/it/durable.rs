@@ -374,7 +374,7 @@ async fn duplicates_are_forwarded_once_across_restarts() {
         1.0,
         "the duplicate after the restart"
     );
-    assert_eq!(m.find("hookgate_jobs_flagged_total", flagged), None);
+    assert_eq!(m.get("hookgate_jobs_flagged_total", flagged), 0.0);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(down.received().len(), 1);
     gw.stop().await;

@@ -4,6 +4,7 @@
 mod cli;
 mod durable;
 mod ingress;
+mod observability;
 mod reload;
 mod routing;
 mod support;

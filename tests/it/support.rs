@@ -241,9 +241,14 @@ impl GatewayBuilder {
 
     /// Rules forwarding everything to one destination.
     pub fn forward_all_to(url: &str) -> Self {
-        Self::new(format!(
+        Self::new(Self::forward_all_rules(url))
+    }
+
+    /// The rules of [`GatewayBuilder::forward_all_to`].
+    pub fn forward_all_rules(url: &str) -> String {
+        format!(
             "[destinations.down]\nurl = \"{url}\"\n[[rules]]\nname = \"all\"\nforward = [\"down\"]\n"
-        ))
+        )
     }
 
     /// More TOML for the gateway file (whole tables).
