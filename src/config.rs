@@ -78,6 +78,11 @@ pub struct SecretSource {
     pub name: String,
     pub env: Option<String>,
     pub file: Option<PathBuf>,
+    /// An optional secret that is absent (or empty) is skipped with a
+    /// warning: the `previous` slot of a rotation, which is empty between
+    /// rotations.
+    #[serde(default)]
+    pub optional: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -392,24 +397,41 @@ impl Config {
             };
             let key = match (&source.env, &source.file) {
                 (Some(var), _) => std::env::var_os(var)
-                    .ok_or_else(|| fail(format!("the environment variable {var} is not set")))?
-                    .into_encoded_bytes(),
+                    .ok_or_else(|| format!("the environment variable {var} is not set"))
+                    .map(|v| v.into_encoded_bytes()),
                 (None, Some(file)) => {
                     let path = self.relative(file);
-                    let mut bytes = std::fs::read(&path)
-                        .map_err(|e| fail(format!("cannot read {}: {e}", path.display())))?;
-                    // Secret files written by editors or `echo` end in a newline
-                    // the sender does not use.
-                    while bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
-                        bytes.pop();
-                    }
-                    bytes
+                    std::fs::read(&path)
+                        .map_err(|e| format!("cannot read {}: {e}", path.display()))
+                        .map(|mut bytes| {
+                            // Secret files written by editors or `echo` end in a
+                            // newline the sender does not use.
+                            while bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+                                bytes.pop();
+                            }
+                            bytes
+                        })
                 }
-                (None, None) => return Err(fail("no `env` or `file`".into())),
+                (None, None) => Err("no `env` or `file`".to_owned()),
             };
-            if key.is_empty() {
-                return Err(fail("the secret is empty".into()));
-            }
+            let key = key.and_then(|k| {
+                if k.is_empty() {
+                    Err("the secret is empty".to_owned())
+                } else {
+                    Ok(k)
+                }
+            });
+            let key = match key {
+                Ok(key) => key,
+                Err(message) if source.optional => {
+                    warnings.push(format!(
+                        "optional secret {:?} skipped: {message}",
+                        source.name
+                    ));
+                    continue;
+                }
+                Err(message) => return Err(fail(message)),
+            };
             if key.len() < SHORT_SECRET {
                 warnings.push(format!(
                     "secret {:?} is {} bytes; the vendor's secrets are normally at least {SHORT_SECRET}",

@@ -147,10 +147,17 @@ impl Gateway {
         Reply::Rejected(rejection)
     }
 
-    pub async fn handle(&self, webhook: Webhook) -> Reply {
+    /// Called when a request arrives, before its body is read: once
+    /// draining starts new webhooks are refused, while those that arrived
+    /// before are finished.
+    pub fn admit(&self) -> Result<(), Reply> {
         if self.draining.is_cancelled() {
-            return self.reject(Rejection::Draining);
+            return Err(self.reject(Rejection::Draining));
         }
+        Ok(())
+    }
+
+    pub async fn handle(&self, webhook: Webhook) -> Reply {
         let verified = match self
             .verifier
             .verify(webhook.body, webhook.signature.as_ref())

@@ -122,7 +122,8 @@ impl Reloader {
         let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
             .map_err(|e| tracing::warn!("cannot listen for SIGHUP, polling only: {e}"))
             .ok();
-        let mut tick = tokio::time::interval(interval);
+        // The file was just loaded: the first look is one interval away.
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let force = tokio::select! {

@@ -71,19 +71,24 @@ pub fn webhook_routes(
             in_flight.track_future(async move {
                 let started = Instant::now();
                 gateway.metrics().received.inc();
-                let reply = match read_body(content_length, body, max_body_bytes, body_read_timeout)
-                    .await
-                {
-                    Ok(body) => {
-                        gateway
-                            .handle(Webhook {
-                                body,
-                                signature,
-                                query,
-                            })
+                let reply = match gateway.admit() {
+                    Err(refused) => refused,
+                    Ok(()) => {
+                        match read_body(content_length, body, max_body_bytes, body_read_timeout)
                             .await
+                        {
+                            Ok(body) => {
+                                gateway
+                                    .handle(Webhook {
+                                        body,
+                                        signature,
+                                        query,
+                                    })
+                                    .await
+                            }
+                            Err(rejection) => gateway.reject(rejection),
+                        }
                     }
-                    Err(rejection) => gateway.reject(rejection),
                 };
                 gateway
                     .metrics()

@@ -7,4 +7,5 @@ mod ingress;
 mod observability;
 mod reload;
 mod routing;
+mod shutdown;
 mod support;

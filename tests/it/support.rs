@@ -44,6 +44,8 @@ pub enum Answer {
     StatusWith(u16, &'static str, &'static str),
     /// Read the request and never answer.
     Hang,
+    /// Answer with this status after a while.
+    Delay(Duration, u16),
 }
 
 #[derive(Debug, Clone)]
@@ -198,6 +200,10 @@ async fn serve_conn(
             Answer::Hang => {
                 tokio::time::sleep(Duration::from_secs(3600)).await;
                 return;
+            }
+            Answer::Delay(after, code) => {
+                tokio::time::sleep(after).await;
+                format!("HTTP/1.1 {code} X\r\ncontent-length: 2\r\n\r\nok")
             }
         };
         if stream.write_all(response.as_bytes()).await.is_err() {
@@ -575,21 +581,27 @@ impl BinaryGateway {
         child.wait().unwrap();
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
     /// SIGTERM, then the exit code and everything logged.
-    pub async fn stop(mut self) -> (Option<i32>, String) {
-        let child = self.child.take().unwrap();
+    pub async fn stop(self) -> (Option<i32>, String) {
         let kill = std::process::Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
+            .args(["-TERM", &self.pid().to_string()])
             .status()
             .unwrap();
         assert!(kill.success());
-        let status = tokio::task::spawn_blocking(move || {
-            let mut child = child;
-            child.wait()
-        })
-        .await
-        .unwrap()
-        .unwrap();
+        self.wait().await
+    }
+
+    /// Waits for the process to exit: its exit code and everything logged.
+    pub async fn wait(mut self) -> (Option<i32>, String) {
+        let mut child = self.child.take().unwrap();
+        let status = tokio::task::spawn_blocking(move || child.wait())
+            .await
+            .unwrap()
+            .unwrap();
         // Let the reader thread take the last lines.
         tokio::time::sleep(Duration::from_millis(50)).await;
         (status.code(), self.log.lock().unwrap().clone())

@@ -1,0 +1,104 @@
+#!/usr/bin/env python3
+"""Offline checks of the Kubernetes manifests, run by CI (.ci/run).
+
+- every built-in resource validates against the Kubernetes schemas
+  (kubernetes-validate, strict: unknown fields are errors);
+- the kustomization lists every manifest in this directory;
+- the PrometheusRule's groups are exactly dashboards/alerts.yml's;
+- the ConfigMap's hookgate.toml and rules.toml pass `hookgate check`;
+- the termination grace period covers the preStop sleep plus
+  shutdown.grace.
+
+Usage: check.py HOOKGATE_BINARY
+"""
+
+import pathlib
+import subprocess
+import sys
+import tempfile
+import tomllib
+
+import kubernetes_validate
+import yaml
+
+KUBERNETES = "1.33.0"
+HERE = pathlib.Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+CRDS = {"PodMonitor", "PrometheusRule"}
+
+failures = []
+
+
+def fail(message):
+    failures.append(message)
+    print(f"FAIL {message}")
+
+
+def main(hookgate):
+    kustomization = yaml.safe_load((HERE / "kustomization.yaml").read_text())
+    listed = set(kustomization["resources"])
+    present = {p.name for p in HERE.glob("*.yaml")} - {"kustomization.yaml"}
+    if listed != present:
+        fail(f"kustomization.yaml lists {sorted(listed)}, the directory has {sorted(present)}")
+
+    docs = {}
+    for name in sorted(listed):
+        for doc in yaml.safe_load_all((HERE / name).read_text()):
+            docs[doc["kind"]] = doc
+            if doc["kind"] in CRDS:
+                continue
+            try:
+                kubernetes_validate.validate(doc, KUBERNETES, strict=True)
+                print(f"ok   {name}: {doc['kind']} {doc['metadata']['name']} (Kubernetes {KUBERNETES}, strict)")
+            except kubernetes_validate.ValidationError as e:
+                fail(f"{name}: {doc['kind']}: {e.message} at {'.'.join(map(str, e.path))}")
+
+    alerts = yaml.safe_load((ROOT / "dashboards" / "alerts.yml").read_text())
+    rule = docs["PrometheusRule"]
+    if rule["apiVersion"] != "monitoring.coreos.com/v1" or rule["spec"]["groups"] != alerts["groups"]:
+        fail("prometheusrule.yaml: spec.groups differs from dashboards/alerts.yml")
+    else:
+        print("ok   prometheusrule.yaml matches dashboards/alerts.yml")
+    monitor = docs["PodMonitor"]
+    pod_labels = docs["Deployment"]["spec"]["template"]["metadata"]["labels"]
+    if not monitor["spec"]["selector"]["matchLabels"].items() <= pod_labels.items():
+        fail("podmonitor.yaml: its selector does not select the Deployment's pods")
+
+    config = docs["ConfigMap"]["data"]
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, text in config.items():
+            (pathlib.Path(tmp) / name).write_text(text)
+        out = subprocess.run(
+            [hookgate, "check", "--config", str(pathlib.Path(tmp) / "hookgate.toml")],
+            capture_output=True,
+            text=True,
+        )
+        print(out.stdout + out.stderr, end="")
+        if out.returncode != 0:
+            fail("configmap.yaml: hookgate check failed")
+        else:
+            print("ok   configmap.yaml passes hookgate check")
+
+    gateway = tomllib.loads(config["hookgate.toml"])
+    grace = gateway["shutdown"]["grace"]
+    assert grace.endswith("s"), grace
+    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    sidecar = next(c for c in pod["containers"] if c["name"] == "hookgate")
+    pre_stop = sidecar["lifecycle"]["preStop"]["sleep"]["seconds"]
+    if pod["terminationGracePeriodSeconds"] < pre_stop + int(grace[:-1]):
+        fail("deployment.yaml: terminationGracePeriodSeconds is shorter than preStop + shutdown.grace")
+    else:
+        print(f"ok   terminationGracePeriodSeconds {pod['terminationGracePeriodSeconds']} >= preStop {pre_stop} + grace {grace}")
+    security = sidecar["securityContext"]
+    expected = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "runAsNonRoot": True}
+    if any(security.get(k) != v for k, v in expected.items()) or security["capabilities"]["drop"] != ["ALL"]:
+        fail("deployment.yaml: the hookgate container's securityContext is not restrictive")
+
+    if failures:
+        print(f"{len(failures)} problems")
+        sys.exit(1)
+    print("all manifests ok")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
