@@ -109,7 +109,12 @@ impl<'a> Job<'a> {
         let wire: Wire<'a> = serde_json::from_slice(raw)?;
         let fields = match wire.data {
             Some(data) => data,
-            None => wire.flat,
+            None => Fields {
+                job_id: wire.job_id,
+                callback_url: wire.callback_url,
+                is_error: wire.is_error,
+                result: wire.result,
+            },
         };
         let job_id = fields.job_id.ok_or(JobError::MissingJobId)?;
         if job_id.is_empty()
@@ -155,15 +160,22 @@ impl<'a> Job<'a> {
     }
 }
 
+/// Both shapes in one pass: the fields at the top level (the flat shape)
+/// and under `data` (the vendor's envelope), whichever is there.
 #[derive(Deserialize)]
 struct Wire<'a> {
     #[serde(borrow)]
     data: Option<Fields<'a>>,
-    #[serde(flatten, borrow)]
-    flat: Fields<'a>,
+    #[serde(borrow)]
+    job_id: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    callback_url: Option<Cow<'a, str>>,
+    is_error: Option<bool>,
+    #[serde(borrow)]
+    result: Option<ResultFields<'a>>,
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize)]
 struct Fields<'a> {
     #[serde(borrow)]
     job_id: Option<Cow<'a, str>>,

@@ -2,43 +2,54 @@
 //!
 //! They arrive twice: in the request's own query string, and inside the
 //! payload as `callback_url`. The request wins; the payload fills in names
-//! the request lacks (a proxy in front may strip the query string).
+//! the request lacks (a proxy in front may strip the query string). The
+//! payload's copy is only parsed when a name is missing from the request.
 
 use std::borrow::Cow;
+use std::cell::OnceCell;
+
+type Pairs<'a> = Vec<(Cow<'a, str>, Cow<'a, str>)>;
 
 #[derive(Debug, Default, Clone)]
 pub struct Query<'a> {
-    pairs: Vec<(Cow<'a, str>, Cow<'a, str>)>,
+    request: Pairs<'a>,
+    callback: Option<&'a str>,
+    callback_pairs: OnceCell<Pairs<'a>>,
 }
 
 impl<'a> Query<'a> {
     /// `request` is the raw query string of the incoming request (without
     /// `?`); `callback_url` is the payload's copy of the URL.
     pub fn new(request: Option<&'a str>, callback_url: Option<&'a str>) -> Self {
-        let mut pairs: Vec<_> = request
-            .map(|q| form_urlencoded::parse(q.as_bytes()).collect())
-            .unwrap_or_default();
-        let callback = callback_url
-            .and_then(|url| url.split_once('?'))
-            .map(|(_, q)| q.split_once('#').map_or(q, |(q, _)| q));
-        if let Some(q) = callback {
-            let from_request = pairs.len();
-            for (name, value) in form_urlencoded::parse(q.as_bytes()) {
-                if !pairs[..from_request].iter().any(|(n, _)| *n == name) {
-                    pairs.push((name, value));
-                }
-            }
+        Self {
+            request: request.map(parse).unwrap_or_default(),
+            callback: callback_url
+                .and_then(|url| url.split_once('?'))
+                .map(|(_, q)| q.split_once('#').map_or(q, |(q, _)| q)),
+            callback_pairs: OnceCell::new(),
         }
-        Self { pairs }
     }
 
     /// The first value given for `name`.
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.pairs
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_ref())
+        find(&self.request, name).or_else(|| {
+            let pairs = self
+                .callback_pairs
+                .get_or_init(|| self.callback.map(parse).unwrap_or_default());
+            find(pairs, name)
+        })
     }
+}
+
+fn parse(query: &str) -> Pairs<'_> {
+    form_urlencoded::parse(query.as_bytes()).collect()
+}
+
+fn find<'p>(pairs: &'p Pairs<'_>, name: &str) -> Option<&'p str> {
+    pairs
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| v.as_ref())
 }
 
 #[cfg(test)]

@@ -5,7 +5,9 @@
 //! slash, a port or a user, and so can never steer a request to a host the
 //! rules file did not mean.
 
+use std::collections::HashMap;
 use std::fmt;
+use std::sync::RwLock;
 
 use reqwest::Url;
 
@@ -17,13 +19,19 @@ enum Part {
     Query(String),
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct UrlTemplate {
     source: String,
     parts: Vec<Part>,
     /// Parsed once when there is nothing to fill in.
     fixed: Option<Url>,
+    /// Filled-in URLs already parsed: parsing (with IDNA) is most of the
+    /// cost of routing, and the values (tenants) repeat. Bounded: emptied
+    /// when full, so odd values cannot grow it.
+    resolved: RwLock<HashMap<String, Url>>,
 }
+
+const RESOLVED_MAX: usize = 1024;
 
 /// Why a templated URL could not be filled in for a job.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -86,6 +94,7 @@ impl UrlTemplate {
             source: source.to_owned(),
             parts,
             fixed: (!templated).then_some(url),
+            resolved: RwLock::new(HashMap::new()),
         })
     }
 
@@ -111,12 +120,26 @@ impl UrlTemplate {
                 }
             }
         }
+        if let Some(url) = self
+            .resolved
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&out)
+        {
+            return Ok(url.clone());
+        }
         // The template parsed with a safe sample; the same characters
         // cannot break it. Kept as an error rather than a panic regardless.
-        Url::parse(&out).map_err(|_| TemplateError::Invalid {
+        let url = Url::parse(&out).map_err(|_| TemplateError::Invalid {
             name: self.placeholders().next().unwrap_or_default().to_owned(),
-            value: out,
-        })
+            value: out.clone(),
+        })?;
+        let mut resolved = self.resolved.write().unwrap_or_else(|p| p.into_inner());
+        if resolved.len() >= RESOLVED_MAX {
+            resolved.clear();
+        }
+        resolved.insert(out, url.clone());
+        Ok(url)
     }
 
     pub fn placeholders(&self) -> impl Iterator<Item = &str> {
