@@ -14,7 +14,8 @@ use figment::Figment;
 use figment::providers::{Env, Format, Toml};
 use serde::{Deserialize, Deserializer};
 
-use crate::verify::Secret;
+/// A secret's name and its bytes.
+pub type NamedKey = (String, Vec<u8>);
 
 /// A secret shorter than this still works, with a warning: the vendor
 /// issues the secret, so refusing it would only block the integration.
@@ -384,8 +385,9 @@ impl Config {
 
     /// Reads every configured secret. An absent or empty one is an error:
     /// starting with fewer secrets than configured would reject real traffic.
-    /// Returns the secrets and warnings (short secrets).
-    pub fn secrets(&self) -> Result<(Vec<Secret>, Vec<String>), ConfigError> {
+    /// Returns the named keys and warnings (short secrets, optional ones
+    /// skipped).
+    pub fn secret_keys(&self) -> Result<(Vec<NamedKey>, Vec<String>), ConfigError> {
         let mut secrets = Vec::new();
         let mut warnings = Vec::new();
         for (index, source) in self.verify.secrets.iter().enumerate() {
@@ -439,7 +441,7 @@ impl Config {
                     key.len()
                 ));
             }
-            secrets.push(Secret::new(source.name.clone(), &key));
+            secrets.push((source.name.clone(), key));
         }
         if secrets.is_empty() && self.verify.required {
             return Err(ConfigError::Invalid {

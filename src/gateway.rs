@@ -109,7 +109,7 @@ pub enum Dispatch {
 }
 
 pub struct Gateway {
-    verifier: Verifier,
+    verifier: watch::Receiver<Arc<Verifier>>,
     rules: watch::Receiver<Arc<RuleSet>>,
     dispatch: Dispatch,
     metrics: Arc<Metrics>,
@@ -118,7 +118,7 @@ pub struct Gateway {
 
 impl Gateway {
     pub fn new(
-        verifier: Verifier,
+        verifier: watch::Receiver<Arc<Verifier>>,
         rules: watch::Receiver<Arc<RuleSet>>,
         dispatch: Dispatch,
         metrics: Arc<Metrics>,
@@ -158,15 +158,14 @@ impl Gateway {
     }
 
     pub async fn handle(&self, webhook: Webhook) -> Reply {
-        let verified = match self
-            .verifier
-            .verify(webhook.body, webhook.signature.as_ref())
-        {
+        // One version of the secrets per webhook, as for the rules.
+        let verifier = self.verifier.borrow().clone();
+        let verified = match verifier.verify(webhook.body, webhook.signature.as_ref()) {
             Ok(v) => v,
             Err(e) => return self.reject(e.into()),
         };
         if let Some(index) = verified.secret() {
-            let name = self.verifier.secrets()[index].name();
+            let name = verifier.secrets()[index].name();
             self.metrics.verified.with_label_values(&[name]).inc();
         }
         let job = match Job::parse(&verified) {

@@ -161,7 +161,9 @@ impl<'a> Job<'a> {
 }
 
 /// Both shapes in one pass: the fields at the top level (the flat shape)
-/// and under `data` (the vendor's envelope), whichever is there.
+/// and under `data` (the vendor's envelope), whichever is there. The field
+/// list repeats [`Fields`] rather than using `#[serde(flatten)]`, which
+/// buffers the whole document and was a quarter of parse time.
 #[derive(Deserialize)]
 struct Wire<'a> {
     #[serde(borrow)]

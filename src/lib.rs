@@ -58,11 +58,10 @@ use crate::dispatch::Dispatcher;
 use crate::gateway::Dispatch;
 use crate::gateway::Gateway;
 use crate::metrics::Metrics;
-use crate::reload::Reloader;
+use crate::reload::{Reloader, Secrets};
 use crate::rules::LoadError;
 use crate::server::ConnLimits;
 use crate::spool::{OpenError, Spool};
-use crate::verify::Verifier;
 
 /// The two ports, bound by the caller (tests bind port 0).
 pub struct Listeners {
@@ -93,18 +92,14 @@ pub async fn run(
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
-    let (secrets, warnings) = config.secrets()?;
-    for warning in warnings {
-        tracing::warn!("{warning}");
-    }
-    if secrets.is_empty() {
+    let admin_token = config.admin_token()?;
+    let metrics = Arc::new(Metrics::new(&config.metrics.categories));
+    let (secrets, verifier) = Secrets::start(config.clone(), metrics.clone())?;
+    if verifier.borrow().secrets().is_empty() {
         tracing::warn!(
             "verify.required = false and no secrets: webhooks are accepted without any signature check"
         );
     }
-    let admin_token = config.admin_token()?;
-    let secret_names: Vec<&str> = secrets.iter().map(|s| s.name()).collect();
-    let metrics = Arc::new(Metrics::new(&config.metrics.categories, &secret_names));
     let (reloader, rules_rx) = Reloader::start(config.rules_path(), metrics.clone())?;
     let reloader = Arc::new(reloader);
     {
@@ -134,7 +129,7 @@ pub async fn run(
         }
     };
     let gateway = Arc::new(Gateway::new(
-        Verifier::new(secrets),
+        verifier,
         rules_rx,
         dispatch,
         metrics.clone(),
@@ -189,7 +184,11 @@ pub async fn run(
         close_grace,
     ));
 
-    tokio::spawn(reloader.watch(config.rules.reload_interval, stop.clone()));
+    tokio::spawn(reloader.watch(
+        Some(Arc::new(secrets)),
+        config.rules.reload_interval,
+        stop.clone(),
+    ));
 
     shutdown.cancelled().await;
     let deadline = tokio::time::Instant::now() + grace;

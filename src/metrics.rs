@@ -93,7 +93,7 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new(extra_categories: &[String], secret_names: &[&str]) -> Self {
+    pub fn new(extra_categories: &[String]) -> Self {
         let registry = Registry::new();
         macro_rules! register {
             ($metric:expr) => {{
@@ -224,9 +224,6 @@ impl Metrics {
         };
         for reason in REJECT_REASONS {
             m.rejected.with_label_values(&[*reason]);
-        }
-        for name in secret_names {
-            m.verified.with_label_values(&[*name]);
         }
         for result in ["success", "failure"] {
             m.reloads.with_label_values(&[result]);

@@ -1,4 +1,4 @@
-//! Live reload of the rules file.
+//! Live reload of the rules file, and of the verification secrets.
 //!
 //! The file is polled by content, not by modification time or inotify:
 //! Kubernetes updates a ConfigMap volume by swapping a `..data` symlink
@@ -7,6 +7,10 @@
 //! validated whole, then published as one `Arc<RuleSet>`, so each webhook is
 //! routed by exactly one version. A version that fails keeps the running
 //! rules in force.
+//!
+//! Secrets are re-read on the same schedule: a Kubernetes Secret updated in
+//! place (a rotation) takes effect without a restart. A set that cannot be
+//! read whole keeps the running secrets.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -16,8 +20,10 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{Mutex, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::config::{Config, NamedKey};
 use crate::metrics::Metrics;
 use crate::rules::{LoadError, RuleSet};
+use crate::verify::Verifier;
 
 /// What was last seen at the path, so that an unchanged file (or an
 /// unchanged failure) is not reloaded, logged and counted every poll.
@@ -117,8 +123,14 @@ impl Reloader {
         self.metrics.last_reload_success_timestamp.set(now);
     }
 
-    /// Polls the file every `interval` and reloads on SIGHUP, until `stop`.
-    pub async fn watch(self: Arc<Self>, interval: Duration, stop: CancellationToken) {
+    /// Polls the file (and the secrets) every `interval` and reloads on
+    /// SIGHUP, until `stop`.
+    pub async fn watch(
+        self: Arc<Self>,
+        secrets: Option<Arc<Secrets>>,
+        interval: Duration,
+        stop: CancellationToken,
+    ) {
         let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
             .map_err(|e| tracing::warn!("cannot listen for SIGHUP, polling only: {e}"))
             .ok();
@@ -141,6 +153,83 @@ impl Reloader {
             };
             // Failures are logged and counted inside.
             let _ = self.reload(force).await;
+            if let Some(secrets) = &secrets {
+                secrets.refresh();
+            }
         }
     }
+}
+
+/// The configured secrets, re-read on each poll; published only when they
+/// changed, and only whole.
+pub struct Secrets {
+    config: Config,
+    verifier: watch::Sender<Arc<Verifier>>,
+    metrics: Arc<Metrics>,
+    fingerprint: std::sync::Mutex<[u8; 32]>,
+}
+
+impl Secrets {
+    /// Reads the secrets for start-up, where a missing one is fatal; logs
+    /// the warnings (short secrets, optional ones skipped).
+    pub fn start(
+        config: Config,
+        metrics: Arc<Metrics>,
+    ) -> Result<(Self, watch::Receiver<Arc<Verifier>>), crate::config::ConfigError> {
+        let (keys, warnings) = config.secret_keys()?;
+        for warning in warnings {
+            tracing::warn!("{warning}");
+        }
+        let fingerprint = fingerprint(&keys);
+        let verifier = Verifier::from_keys(&keys);
+        for secret in verifier.secrets() {
+            metrics.verified.with_label_values(&[secret.name()]);
+        }
+        let (tx, rx) = watch::channel(Arc::new(verifier));
+        Ok((
+            Self {
+                config,
+                verifier: tx,
+                metrics,
+                fingerprint: std::sync::Mutex::new(fingerprint),
+            },
+            rx,
+        ))
+    }
+
+    /// Re-reads the secrets; publishes them if they changed.
+    pub fn refresh(&self) {
+        let keys = match self.config.secret_keys() {
+            Ok((keys, _)) => keys,
+            Err(e) => {
+                tracing::error!("secrets not reloaded, the previous ones stay in force: {e}");
+                return;
+            }
+        };
+        let now = fingerprint(&keys);
+        let mut seen = self.fingerprint.lock().unwrap_or_else(|p| p.into_inner());
+        if *seen == now {
+            return;
+        }
+        *seen = now;
+        let verifier = Verifier::from_keys(&keys);
+        let names: Vec<&str> = verifier.secrets().iter().map(|s| s.name()).collect();
+        for name in &names {
+            self.metrics.verified.with_label_values(&[name]);
+        }
+        tracing::info!(secrets = ?names, "secrets reloaded");
+        self.verifier.send_replace(Arc::new(verifier));
+    }
+}
+
+/// Identifies a set of named keys without keeping them.
+fn fingerprint(keys: &[NamedKey]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    for (name, key) in keys {
+        h.update((name.len() as u64).to_le_bytes());
+        h.update(name.as_bytes());
+        h.update((key.len() as u64).to_le_bytes());
+        h.update(key);
+    }
+    h.finalize().into()
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::{Stream, StreamExt};
-use http::HeaderValue;
+use http::{HeaderMap, HeaderValue};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
@@ -23,6 +23,7 @@ use warp::reply::Response;
 use warp::{Filter, Rejection as WarpRejection, Reply as _};
 
 use crate::gateway::{Gateway, Rejection, Reply, Webhook};
+use crate::verify;
 
 /// Limits applied to every connection of a listener.
 #[derive(Debug, Clone, Copy)]
@@ -52,44 +53,25 @@ pub fn webhook_routes(
             }
         })
         .untuple_one();
-    let signature = warp::header::value("x-hub-signature-256")
-        .map(Some)
-        .or(warp::any().map(|| None))
-        .unify();
     let query = warp::query::raw()
         .map(Some)
         .or(warp::any().map(|| None))
         .unify();
     exact_path
         .and(warp::post())
-        .and(warp::header::optional::<u64>("content-length"))
-        .and(signature)
+        .and(warp::header::headers_cloned())
         .and(query)
         .and(warp::body::stream())
-        .then(move |content_length, signature, query, body| {
+        .then(move |headers: http::HeaderMap, query, body| {
             let gateway = gateway.clone();
             in_flight.track_future(async move {
                 let started = Instant::now();
                 gateway.metrics().received.inc();
-                let reply = match gateway.admit() {
-                    Err(refused) => refused,
-                    Ok(()) => {
-                        match read_body(content_length, body, max_body_bytes, body_read_timeout)
-                            .await
-                        {
-                            Ok(body) => {
-                                gateway
-                                    .handle(Webhook {
-                                        body,
-                                        signature,
-                                        query,
-                                    })
-                                    .await
-                            }
-                            Err(rejection) => gateway.reject(rejection),
-                        }
-                    }
+                let limits = BodyLimits {
+                    max_bytes: max_body_bytes,
+                    timeout: body_read_timeout,
                 };
+                let reply = receive(&gateway, headers, query, body, limits).await;
                 gateway
                     .metrics()
                     .request_duration
@@ -97,6 +79,49 @@ pub fn webhook_routes(
                 render(reply)
             })
         })
+}
+
+#[derive(Debug, Clone, Copy)]
+struct BodyLimits {
+    max_bytes: u64,
+    timeout: Duration,
+}
+
+/// One webhook request: admitted (not draining), one signature header,
+/// the body read within its limits, then handed to the gateway.
+async fn receive<S, B>(
+    gateway: &Gateway,
+    headers: HeaderMap,
+    query: Option<String>,
+    body: S,
+    limits: BodyLimits,
+) -> Reply
+where
+    S: Stream<Item = Result<B, warp::Error>> + Send,
+    B: Buf,
+{
+    if let Err(refused) = gateway.admit() {
+        return refused;
+    }
+    let signature = match verify::signature_header(&headers) {
+        Ok(signature) => signature.cloned(),
+        Err(e) => return gateway.reject(e.into()),
+    };
+    let content_length = headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse().ok());
+    match read_body(content_length, body, limits.max_bytes, limits.timeout).await {
+        Ok(body) => {
+            gateway
+                .handle(Webhook {
+                    body,
+                    signature,
+                    query,
+                })
+                .await
+        }
+        Err(rejection) => gateway.reject(rejection),
+    }
 }
 
 /// Reads the whole body, refusing it as soon as it is known to be too

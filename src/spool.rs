@@ -836,14 +836,7 @@ impl Writer {
         filter: &DeadFilter,
         now_ms: u64,
     ) -> Result<Vec<(u64, Record)>, SpoolError> {
-        let mut chosen = Vec::new();
-        for entry in t.dead.iter()? {
-            let (id, raw) = entry?;
-            let record: Record = serde_json::from_slice(raw.value())?;
-            if filter.matches(&record) {
-                chosen.push((id.value(), raw.value().len(), record));
-            }
-        }
+        let chosen = matching_dead(t, filter)?;
         let mut out = Vec::with_capacity(chosen.len());
         for (old_id, size, mut record) in chosen {
             if record.destination == crate::rules::UNROUTED {
@@ -873,14 +866,7 @@ impl Writer {
         t: &mut Tables<'_>,
         filter: &DeadFilter,
     ) -> Result<Vec<Record>, SpoolError> {
-        let mut chosen = Vec::new();
-        for entry in t.dead.iter()? {
-            let (id, raw) = entry?;
-            let record: Record = serde_json::from_slice(raw.value())?;
-            if filter.matches(&record) {
-                chosen.push((id.value(), raw.value().len(), record));
-            }
-        }
+        let chosen = matching_dead(t, filter)?;
         let mut out = Vec::with_capacity(chosen.len());
         for (id, size, record) in chosen {
             t.dead.remove(id)?;
@@ -919,6 +905,22 @@ impl Writer {
         }
         Ok(())
     }
+}
+
+/// The dead letters `filter` selects: id, stored size and record.
+fn matching_dead(
+    t: &Tables<'_>,
+    filter: &DeadFilter,
+) -> Result<Vec<(u64, usize, Record)>, SpoolError> {
+    let mut chosen = Vec::new();
+    for entry in t.dead.iter()? {
+        let (id, raw) = entry?;
+        let record: Record = serde_json::from_slice(raw.value())?;
+        if filter.matches(&record) {
+            chosen.push((id.value(), raw.value().len(), record));
+        }
+    }
+    Ok(chosen)
 }
 
 struct Tables<'txn> {

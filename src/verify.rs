@@ -74,6 +74,8 @@ pub enum SignatureError {
     BadEncoding { hint: Hint },
     #[error("the signature does not match the body under any configured secret{}", hint.text())]
     Mismatch { hint: Hint },
+    #[error("the X-Hub-Signature-256 header appears more than once; send exactly one")]
+    Repeated,
 }
 
 impl SignatureError {
@@ -81,7 +83,7 @@ impl SignatureError {
     pub fn reason(&self) -> &'static str {
         match self {
             Self::Missing => "missing_signature",
-            Self::BadEncoding { .. } => "bad_encoding",
+            Self::BadEncoding { .. } | Self::Repeated => "bad_encoding",
             Self::Mismatch { .. } => "bad_signature",
         }
     }
@@ -155,6 +157,15 @@ impl Verifier {
         Self { secrets }
     }
 
+    /// From named keys, in order of preference.
+    pub fn from_keys(keys: &[crate::config::NamedKey]) -> Self {
+        Self::new(
+            keys.iter()
+                .map(|(name, key)| Secret::new(name.clone(), key))
+                .collect(),
+        )
+    }
+
     pub fn secrets(&self) -> &[Secret] {
         &self.secrets
     }
@@ -208,6 +219,22 @@ impl Verifier {
         Hint::None
     }
 }
+
+/// The one `X-Hub-Signature-256` of a request. Several are refused: a
+/// proxy in front might pick another one than hookgate does.
+pub fn signature_header(
+    headers: &http::HeaderMap,
+) -> Result<Option<&http::HeaderValue>, SignatureError> {
+    let mut all = headers.get_all(HEADER).iter();
+    let first = all.next();
+    match all.next() {
+        Some(_) => Err(SignatureError::Repeated),
+        None => Ok(first),
+    }
+}
+
+/// The header the vendor signs in.
+pub const HEADER: &str = "x-hub-signature-256";
 
 /// The signature of `body` under `key`, in the vendor's base64 form.
 pub fn sign(key: &[u8], body: &[u8]) -> String {

@@ -37,7 +37,7 @@ pub fn check(config_path: &Path) -> ExitCode {
             config_path.display()
         );
         errors += 1;
-    } else if let Err(e) = config.secrets() {
+    } else if let Err(e) = config.secret_keys() {
         // A missing secret stops `serve`, but `check` runs where secrets
         // are not mounted (CI, a laptop).
         eprintln!("warning: {e}");

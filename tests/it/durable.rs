@@ -7,6 +7,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use reqwest::Method;
+
 use crate::support::*;
 
 const TOKEN: &str = "durable-admin-token-42";
@@ -167,16 +169,9 @@ async fn refused_jobs_become_dead_letters_and_replay() {
     );
 
     let admin = |path: &str| format!("http://{}{path}", gw.admin);
-    let list: serde_json::Value = gw
-        .client
-        .get(admin("/admin/dead-letters?destination=down"))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, list) = gw
+        .admin(Method::GET, "/admin/dead-letters?destination=down", TOKEN)
+        .await;
     let letters = list["dead_letters"].as_array().unwrap();
     assert_eq!(letters.len(), 1, "{list}");
     assert_eq!(letters[0]["job_id"], "dl");
@@ -193,14 +188,8 @@ async fn refused_jobs_become_dead_letters_and_replay() {
         .await
         .unwrap();
     assert_eq!(refused.status(), 401, "replay without the token");
-    let refused = gw
-        .client
-        .get(admin("/admin/dead-letters"))
-        .bearer_auth("guess")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(refused.status(), 401, "listing with a wrong token");
+    let (status, _) = gw.admin(Method::GET, "/admin/dead-letters", "guess").await;
+    assert_eq!(status, 401, "listing with a wrong token");
     assert_eq!(
         gw.metrics()
             .await
@@ -209,16 +198,9 @@ async fn refused_jobs_become_dead_letters_and_replay() {
     );
 
     // The downstream is fixed (its script is spent: it now answers 200).
-    let replayed: serde_json::Value = gw
-        .client
-        .post(admin("/admin/dead-letters/replay?job_id=dl"))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, replayed) = gw
+        .admin(Method::POST, "/admin/dead-letters/replay?job_id=dl", TOKEN)
+        .await;
     assert_eq!(replayed["replayed"], 1, "{replayed}");
     let got = down.wait_for(2, Duration::from_secs(5)).await;
     assert_eq!(got[1].header("x-hookgate-job-id"), Some("dl"));
@@ -258,39 +240,22 @@ async fn unrouted_jobs_wait_for_better_rules_and_purge_is_explicit() {
         m.get("hookgate_dead_letters", "destination=\"unrouted\""),
         2.0
     );
-    let admin = |path: &str| format!("http://{}{path}", gw.admin);
-    let purge_all = gw
-        .client
-        .delete(admin("/admin/dead-letters"))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(purge_all.status(), 400, "purging everything needs all=true");
-    let purged: serde_json::Value = gw
-        .client
-        .delete(admin("/admin/dead-letters?job_id=low2"))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (status, _) = gw.admin(Method::DELETE, "/admin/dead-letters", TOKEN).await;
+    assert_eq!(status, 400, "purging everything needs all=true");
+    let (_, purged) = gw
+        .admin(Method::DELETE, "/admin/dead-letters?job_id=low2", TOKEN)
+        .await;
     assert_eq!(purged["purged"], 1);
 
     std::fs::write(gw.dir().join("rules.toml"), to(&down.url("/"))).unwrap();
     assert_eq!(gw.reload(Some(TOKEN)).await.status(), 200);
-    let replayed: serde_json::Value = gw
-        .client
-        .post(admin("/admin/dead-letters/replay?destination=unrouted"))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, replayed) = gw
+        .admin(
+            Method::POST,
+            "/admin/dead-letters/replay?destination=unrouted",
+            TOKEN,
+        )
+        .await;
     assert_eq!(replayed["rerouted"], 1, "{replayed}");
     let got = down.wait_for(1, Duration::from_secs(5)).await;
     assert_eq!(got[0].header("x-hookgate-job-id"), Some("low"));

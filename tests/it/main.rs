@@ -3,8 +3,10 @@
 
 mod cli;
 mod durable;
+mod hardening;
 mod ingress;
 mod observability;
+mod properties;
 mod reload;
 mod routing;
 mod shutdown;

@@ -46,6 +46,12 @@ pub enum Answer {
     Hang,
     /// Answer with this status after a while.
     Delay(Duration, u16),
+    /// Read the request, then reset the connection.
+    Reset,
+    /// Send the head, then the body a byte at a time, slowly.
+    Drip,
+    /// Announce and stream a 100 MB body.
+    Huge,
 }
 
 #[derive(Debug, Clone)]
@@ -205,6 +211,37 @@ async fn serve_conn(
                 tokio::time::sleep(after).await;
                 format!("HTTP/1.1 {code} X\r\ncontent-length: 2\r\n\r\nok")
             }
+            Answer::Reset => {
+                // SO_LINGER 0: closing sends a reset, not a FIN. Deprecated
+                // because the close blocks; with a zero timeout it does not.
+                #[allow(deprecated)]
+                let _ = stream.set_linger(Some(Duration::ZERO));
+                return;
+            }
+            Answer::Drip => {
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 X\r\ncontent-length: 100\r\n\r\n")
+                    .await;
+                for _ in 0..100 {
+                    if stream.write_all(b"x").await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+                return;
+            }
+            Answer::Huge => {
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 X\r\ncontent-length: 104857600\r\n\r\n")
+                    .await;
+                let chunk = vec![b'x'; 64 * 1024];
+                for _ in 0..1600 {
+                    if stream.write_all(&chunk).await.is_err() {
+                        return;
+                    }
+                }
+                return;
+            }
         };
         if stream.write_all(response.as_bytes()).await.is_err() {
             return;
@@ -231,7 +268,8 @@ fn merge(config: &mut toml::Table, extra: toml::Table) {
 pub struct GatewayBuilder {
     rules: String,
     extra: toml::Table,
-    secrets: Vec<(String, String)>,
+    /// (name, value, optional)
+    secrets: Vec<(String, String, bool)>,
     token: Option<String>,
 }
 
@@ -240,7 +278,7 @@ impl GatewayBuilder {
         Self {
             rules: rules.into(),
             extra: toml::Table::new(),
-            secrets: vec![("current".into(), SECRET.into())],
+            secrets: vec![("current".into(), SECRET.into(), false)],
             token: None,
         }
     }
@@ -266,8 +304,15 @@ impl GatewayBuilder {
     pub fn secrets(mut self, secrets: &[(&str, &str)]) -> Self {
         self.secrets = secrets
             .iter()
-            .map(|(n, s)| (n.to_string(), s.to_string()))
+            .map(|(n, s)| (n.to_string(), s.to_string(), false))
             .collect();
+        self
+    }
+
+    /// One more secret that may be absent (`optional = true`); its file is
+    /// `secret-N` in the gateway's directory, N its position.
+    pub fn optional_secret(mut self, name: &str, value: &str) -> Self {
+        self.secrets.push((name.to_owned(), value.to_owned(), true));
         self
     }
 
@@ -275,10 +320,12 @@ impl GatewayBuilder {
     pub fn write(&self) -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         let mut secrets = Vec::new();
-        for (i, (name, value)) in self.secrets.iter().enumerate() {
+        for (i, (name, value, optional)) in self.secrets.iter().enumerate() {
             let file = format!("secret-{i}");
             std::fs::write(dir.path().join(&file), value).unwrap();
-            secrets.push(format!("{{ name = \"{name}\", file = \"{file}\" }}"));
+            secrets.push(format!(
+                "{{ name = \"{name}\", file = \"{file}\", optional = {optional} }}"
+            ));
         }
         let base = format!(
             "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:1\"\n[verify]\nsecrets = [{}]\n[log]\nformat = \"text\"\n\
@@ -378,6 +425,27 @@ impl TestGateway {
     /// The directory holding the config, rules and secret files.
     pub fn dir(&self) -> &Path {
         self._dir.path()
+    }
+
+    /// An admin API call with a bearer token: the status and the JSON answer.
+    pub async fn admin(
+        &self,
+        method: reqwest::Method,
+        path_and_query: &str,
+        token: &str,
+    ) -> (u16, serde_json::Value) {
+        let response = self
+            .client
+            .request(method, format!("http://{}{path_and_query}", self.admin))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (
+            status,
+            response.json().await.unwrap_or(serde_json::Value::Null),
+        )
     }
 
     /// `POST /-/reload` with a bearer token.
