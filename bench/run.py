@@ -461,7 +461,7 @@ def main() -> None:
         finally:
             sink.stop()
     summary = summarize(runs)
-    text = report(summary, args)
+    text = report(summary, args) if runs else "(no throughput scenarios selected)"
     text += f"\nidle RSS: direct {rss['direct']:.1f} MiB, durable {rss['durable']:.1f} MiB"
     if scaled:
         text += (f"\nscale: {scaled['queued']} queued with the downstream down: peak RSS {scaled['rss_mib_max']} MiB, "
