@@ -258,3 +258,69 @@ expect_rules = ["high-risk"]
         assert!(stdout.contains(want), "missing {want:?} in:\n{stdout}");
     }
 }
+
+/// The README's "try it": `send` signs as the vendor would, `listen`
+/// prints what it got and whether the signature verifies.
+#[tokio::test]
+async fn send_to_listen_round_trip() {
+    let port = free_port();
+    let bin = assert_cmd::cargo::cargo_bin!("hookgate");
+    let mut listen = std::process::Command::new(bin)
+        .args([
+            "listen",
+            "--port",
+            &port.to_string(),
+            "--secret-env",
+            "TRY_SECRET",
+        ])
+        .env("TRY_SECRET", "try-it-secret-1234567")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let client = hookgate::deliver::client_builder().build().unwrap();
+    eventually(Duration::from_secs(10), "listen is up", || {
+        let req = client
+            .post(format!("http://127.0.0.1:{port}/"))
+            .body("{}")
+            .send();
+        async move { req.await.is_ok() }
+    })
+    .await;
+    let payload = vectors_dir().join("success_compact.json");
+    let send = |secret: &'static str| {
+        hookgate()
+            .args([
+                "send",
+                "--url",
+                &format!("http://127.0.0.1:{port}/results?tenant=acme"),
+                "--secret-env",
+                "TRY_SECRET",
+            ])
+            .arg(&payload)
+            .env("TRY_SECRET", secret)
+            .output()
+            .unwrap()
+    };
+    let good = send("try-it-secret-1234567");
+    assert!(
+        good.status.success(),
+        "{}",
+        String::from_utf8_lossy(&good.stderr)
+    );
+    assert!(String::from_utf8_lossy(&good.stdout).starts_with("200"));
+    let bad = send("some-other-secret-000");
+    assert!(bad.status.success());
+    listen.kill().unwrap();
+    let out = listen.wait_with_output().unwrap();
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        printed.contains("POST /results?tenant=acme") && printed.contains("signature OK"),
+        "{printed}"
+    );
+    assert!(printed.contains("signature FAILED"), "{printed}");
+    assert!(
+        printed.contains("\"job_id\": \"8a7c1f3e-5b2d-4c9a-9e41-2f6d0b7a1c55\""),
+        "{printed}"
+    );
+}
