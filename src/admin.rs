@@ -1,7 +1,7 @@
 //! The admin port: metrics, health, readiness, and the operator API
 //! (reload) behind a bearer token.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use http::{HeaderValue, StatusCode};
 use serde_json::json;
@@ -112,23 +112,22 @@ pub fn routes(
         .map(Some)
         .or(warp::any().map(|| None))
         .unify();
-    // Every operator call checks the token first.
-    let authorized = with_state.clone().and(authorization).and_then(
-        |state: Arc<AdminState>, auth: Option<HeaderValue>| async move {
-            match state.refuse(auth.as_ref()) {
-                None => Ok(state),
-                Some(refused) => Err(warp::reject::custom(Refused(Mutex::new(Some(refused))))),
-            }
+    // Every operator call checks the token first: the handler gets the
+    // state, or the refusal to send back.
+    let authorized = with_state.clone().and(authorization).map(
+        |state: Arc<AdminState>, auth: Option<HeaderValue>| match state.refuse(auth.as_ref()) {
+            None => Ok(state),
+            Some(refused) => Err(Box::new(refused)),
         },
     );
     let reload = warp::path!("-" / "reload")
         .and(warp::post())
-        .and(with_state)
-        .and(authorization)
-        .then(|state: Arc<AdminState>, auth: Option<HeaderValue>| async move {
-            if let Some(refused) = state.refuse(auth.as_ref()) {
-                return refused;
-            }
+        .and(authorized.clone())
+        .then(|authorized: Authorized| async move {
+            let state = match authorized {
+                Ok(state) => state,
+                Err(refused) => return *refused,
+            };
             match state.reloader.reload(true).await {
                 Ok(Reloaded::Loaded { hash }) => json_reply(StatusCode::OK, &json!({ "result": "success", "hash": hash })),
                 Ok(Reloaded::Unchanged) => json_reply(StatusCode::OK, &json!({ "result": "unchanged" })),
@@ -143,7 +142,11 @@ pub fn routes(
         .and(warp::get())
         .and(authorized.clone())
         .and(warp::query::<ListQuery>())
-        .map(|state: Arc<AdminState>, q: ListQuery| {
+        .map(|authorized: Authorized, q: ListQuery| {
+            let state = match authorized {
+                Ok(state) => state,
+                Err(refused) => return *refused,
+            };
             with_spool(&state, |d| {
                 let filter = DeadFilter {
                     destination: q.destination,
@@ -190,7 +193,11 @@ pub fn routes(
         .and(warp::post())
         .and(authorized.clone())
         .and(warp::query::<FilterQuery>())
-        .then(|state: Arc<AdminState>, q: FilterQuery| async move {
+        .then(|authorized: Authorized, q: FilterQuery| async move {
+            let state = match authorized {
+                Ok(state) => state,
+                Err(refused) => return *refused,
+            };
             let Some(d) = state.dispatcher.clone() else {
                 return no_spool();
             };
@@ -206,7 +213,11 @@ pub fn routes(
         .and(warp::delete())
         .and(authorized)
         .and(warp::query::<FilterQuery>())
-        .then(|state: Arc<AdminState>, q: FilterQuery| async move {
+        .then(|authorized: Authorized, q: FilterQuery| async move {
+            let state = match authorized {
+                Ok(state) => state,
+                Err(refused) => return *refused,
+            };
             let Some(d) = state.dispatcher.clone() else {
                 return no_spool();
             };
@@ -234,23 +245,10 @@ pub fn routes(
         .unify()
         .or(purge)
         .unify()
-        .recover(|rejection: Rejection| async move {
-            match rejection
-                .find::<Refused>()
-                .and_then(|r| r.0.lock().ok()?.take())
-            {
-                Some(response) => Ok(response),
-                None => Err(rejection),
-            }
-        })
-        .unify()
 }
 
-/// A refusal decided in a filter, carried out through warp's rejections.
-#[derive(Debug)]
-struct Refused(Mutex<Option<Response>>);
-
-impl warp::reject::Reject for Refused {}
+/// The admin state for a request with a valid token, else the refusal.
+type Authorized = Result<Arc<AdminState>, Box<Response>>;
 
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -358,7 +358,7 @@ impl Dispatcher {
     }
 
     async fn reroute(self: &Arc<Self>, dead_id: u64, record: &Record) -> Result<bool, SpoolError> {
-        let Some(job) = self.spool.dead_job(record.job)? else {
+        let Some(job) = self.spool.job(record.job)? else {
             return Ok(false);
         };
         let rules = self.rules.borrow().clone();

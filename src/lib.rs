@@ -185,7 +185,7 @@ pub async fn run(
     ));
 
     tokio::spawn(reloader.watch(
-        Some(Arc::new(secrets)),
+        Arc::new(secrets),
         config.rules.reload_interval,
         stop.clone(),
     ));

@@ -66,6 +66,12 @@ const LATENCY_BUCKETS: &[f64] = &[
     60.0,
 ];
 
+#[derive(Clone, Copy)]
+enum Series {
+    Create,
+    Remove,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub received: IntCounter,
@@ -275,42 +281,46 @@ impl Metrics {
             let _ = self.routed.remove_label_values(&[gone]);
         }
         for gone in tracked.1.iter().filter(|d| !new_destinations.contains(d)) {
-            self.remove_destination(gone);
+            self.destination_series(gone, Series::Remove);
         }
         for rule in &new_rules {
             self.routed.with_label_values(&[rule]);
         }
         for d in &new_destinations {
-            let d = d.as_str();
-            for outcome in ATTEMPT_OUTCOMES {
-                self.forward_attempts.with_label_values(&[d, outcome]);
-            }
-            for result in DELIVERY_RESULTS {
-                self.deliveries.with_label_values(&[d, result]);
-            }
-            self.forward_duration.with_label_values(&[d]);
-            self.queue_depth.with_label_values(&[d]);
-            self.queue_oldest_age.with_label_values(&[d]);
-            self.dead_letters.with_label_values(&[d]);
-            self.circuit_open.with_label_values(&[d]);
+            self.destination_series(d, Series::Create);
         }
         self.config_hash.set(rules.hash as f64);
         *tracked = (new_rules, new_destinations);
     }
 
-    fn remove_destination(&self, d: &str) {
-        // Removing a series that does not exist is not an error worth a log.
+    /// Every series labelled with destination `d`, listed once for both
+    /// creating and removing them.
+    fn destination_series(&self, d: &str, what: Series) {
+        macro_rules! each {
+            ($vec:expr, $labels:expr) => {
+                match what {
+                    Series::Create => {
+                        $vec.with_label_values($labels);
+                    }
+                    // Removing a series that does not exist is not an error
+                    // worth a log.
+                    Series::Remove => {
+                        let _ = $vec.remove_label_values($labels);
+                    }
+                }
+            };
+        }
         for outcome in ATTEMPT_OUTCOMES {
-            let _ = self.forward_attempts.remove_label_values(&[d, outcome]);
+            each!(self.forward_attempts, &[d, outcome]);
         }
         for result in DELIVERY_RESULTS {
-            let _ = self.deliveries.remove_label_values(&[d, result]);
+            each!(self.deliveries, &[d, result]);
         }
-        let _ = self.forward_duration.remove_label_values(&[d]);
-        let _ = self.queue_depth.remove_label_values(&[d]);
-        let _ = self.queue_oldest_age.remove_label_values(&[d]);
-        let _ = self.dead_letters.remove_label_values(&[d]);
-        let _ = self.circuit_open.remove_label_values(&[d]);
+        each!(self.forward_duration, &[d]);
+        each!(self.queue_depth, &[d]);
+        each!(self.queue_oldest_age, &[d]);
+        each!(self.dead_letters, &[d]);
+        each!(self.circuit_open, &[d]);
     }
 
     /// The text exposition format.

@@ -127,7 +127,7 @@ impl Reloader {
     /// SIGHUP, until `stop`.
     pub async fn watch(
         self: Arc<Self>,
-        secrets: Option<Arc<Secrets>>,
+        secrets: Arc<Secrets>,
         interval: Duration,
         stop: CancellationToken,
     ) {
@@ -153,9 +153,7 @@ impl Reloader {
             };
             // Failures are logged and counted inside.
             let _ = self.reload(force).await;
-            if let Some(secrets) = &secrets {
-                secrets.refresh();
-            }
+            secrets.refresh();
         }
     }
 }

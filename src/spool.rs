@@ -467,8 +467,8 @@ impl Spool {
         answer.await.map_err(|_| SpoolError::Closed)?
     }
 
-    /// The stored job `seq` (for re-routing an unrouted dead letter).
-    pub fn dead_job(&self, seq: u64) -> Result<Option<StoredJob>, SpoolError> {
+    /// The stored job `seq` (re-routing an unrouted dead letter reads it).
+    pub fn job(&self, seq: u64) -> Result<Option<StoredJob>, SpoolError> {
         let txn = self.db.begin_read()?;
         let jobs = txn.open_table(JOBS)?;
         Ok(jobs

@@ -105,10 +105,9 @@ fn usage_errors_exit_2() {
 
 #[test]
 fn sign_matches_the_vendor_vector() {
-    let vectors = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/vectors");
     let out = hookgate()
         .args(["sign", "--secret-env", "VENDOR_SECRET"])
-        .arg(vectors.join("success_compact.json"))
+        .arg(vectors_dir().join("success_compact.json"))
         .env("VENDOR_SECRET", "test_key")
         .output()
         .unwrap();
@@ -121,10 +120,9 @@ fn sign_matches_the_vendor_vector() {
 
 #[test]
 fn route_explains_the_decision() {
-    let vectors = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/vectors");
     let out = hookgate()
         .args(["route", "--json"])
-        .arg(vectors.join("success_compact.json"))
+        .arg(vectors_dir().join("success_compact.json"))
         .output()
         .unwrap();
     assert!(
