@@ -54,6 +54,9 @@ pub struct ServerConfig {
     pub body_read_timeout: Duration,
     /// Open connections beyond this wait in the listen backlog.
     pub max_connections: usize,
+    /// Threads serving webhook connections; 0 means one per CPU the
+    /// process may use (its cgroup quota included).
+    pub workers: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -186,6 +189,16 @@ impl Default for Config {
     }
 }
 
+impl ServerConfig {
+    /// The number of webhook server threads.
+    pub fn workers(&self) -> usize {
+        match self.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
+}
+
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {
@@ -195,6 +208,7 @@ impl Default for ServerConfig {
             header_read_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(30),
             max_connections: 4096,
+            workers: 0,
         }
     }
 }

@@ -175,7 +175,7 @@ pub struct Forwarder {
     defaults: Policy,
     backoff: Backoff,
     metrics: Arc<Metrics>,
-    limits: Mutex<HashMap<DestinationName, Arc<Semaphore>>>,
+    limits: Arc<Mutex<HashMap<DestinationName, Arc<Semaphore>>>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -184,15 +184,8 @@ pub struct ClientError(#[from] reqwest::Error);
 
 impl Forwarder {
     pub fn new(config: &DeliveryConfig, metrics: Arc<Metrics>) -> Result<Self, ClientError> {
-        let client = client_builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .connect_timeout(config.timeout)
-            .pool_idle_timeout(Duration::from_secs(60))
-            .tcp_nodelay(true)
-            .user_agent(concat!("hookgate/", env!("CARGO_PKG_VERSION")))
-            .build()?;
         Ok(Self {
-            client,
+            client: Self::client(config.timeout)?,
             defaults: Policy {
                 timeout: config.timeout,
                 max_attempts: config.max_attempts,
@@ -203,7 +196,31 @@ impl Forwarder {
                 max: config.backoff_max,
             },
             metrics,
-            limits: Mutex::new(HashMap::new()),
+            limits: Arc::default(),
+        })
+    }
+
+    fn client(connect_timeout: Duration) -> Result<reqwest::Client, ClientError> {
+        Ok(client_builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(connect_timeout)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .tcp_nodelay(true)
+            .user_agent(concat!("hookgate/", env!("CARGO_PKG_VERSION")))
+            .build()?)
+    }
+
+    /// A forwarder with a connection pool of its own that shares the
+    /// destinations' concurrency limits: one per server worker thread, so
+    /// that a pooled connection is only ever driven by the thread that
+    /// uses it.
+    pub fn fork(&self) -> Result<Self, ClientError> {
+        Ok(Self {
+            client: Self::client(self.defaults.timeout)?,
+            defaults: self.defaults,
+            backoff: self.backoff,
+            metrics: self.metrics.clone(),
+            limits: self.limits.clone(),
         })
     }
 

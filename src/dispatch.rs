@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::{HeaderName, HeaderValue};
+use tokio::runtime::Handle;
 use tokio::sync::{Notify, Semaphore, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -122,9 +123,13 @@ pub struct Dispatcher {
     dead: Mutex<HashMap<String, i64>>,
     stop: CancellationToken,
     tasks: TaskTracker,
+    /// Where the lanes run: the main runtime, not the server worker
+    /// thread whose webhook happened to open a lane.
+    runtime: Handle,
 }
 
 impl Dispatcher {
+    /// Called on the runtime that is to run the delivery lanes.
     pub fn new(
         spool: Arc<Spool>,
         forwarder: Arc<Forwarder>,
@@ -142,6 +147,7 @@ impl Dispatcher {
             dead: Mutex::new(HashMap::new()),
             stop: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            runtime: Handle::current(),
         })
     }
 
@@ -189,7 +195,8 @@ impl Dispatcher {
         });
         lanes.insert(lane.name.clone(), lane.clone());
         let (me, worker) = (self.clone(), lane.clone());
-        self.tasks.spawn(async move { me.run_lane(worker).await });
+        self.tasks
+            .spawn_on(async move { me.run_lane(worker).await }, &self.runtime);
         lane
     }
 

@@ -128,13 +128,13 @@ pub async fn run(
             (Dispatch::Durable(dispatcher.clone()), Some(dispatcher))
         }
     };
-    let gateway = Arc::new(Gateway::new(
+    let gateway = Gateway::new(
         verifier,
         rules_rx,
         dispatch,
         metrics.clone(),
         draining.clone(),
-    ));
+    );
 
     listeners.webhook.set_nonblocking(true)?;
     listeners.admin.set_nonblocking(true)?;
@@ -157,31 +157,49 @@ pub async fn run(
     // Once the webhooks in flight are done, open connections only need a
     // moment to be told to close.
     let close_grace = std::time::Duration::from_secs(1);
-    let webhook_server = tokio::spawn(server::serve(
-        webhook_listener,
-        server::webhook_routes(
-            gateway,
-            in_flight.clone(),
-            &config.server.path,
-            config.server.max_body_bytes.0,
-            config.server.body_read_timeout,
-        ),
+    let mut gateways = Vec::new();
+    for _ in 1..config.server.workers() {
+        gateways.push(gateway.fork()?);
+    }
+    gateways.push(gateway);
+    let webhook_workers = server::Workers::start(
+        gateways
+            .into_iter()
+            .map(|gateway| {
+                server::webhook_routes(
+                    Arc::new(gateway),
+                    in_flight.clone(),
+                    &config.server.path,
+                    config.server.max_body_bytes.0,
+                    config.server.body_read_timeout,
+                )
+            })
+            .collect(),
         limits,
-        stop.clone(),
         close_grace,
-    ));
-    let admin_server = tokio::spawn(server::serve(
-        admin_listener,
-        admin::routes(Arc::new(AdminState {
+    )?;
+    let admin_workers = server::Workers::start(
+        vec![admin::routes(Arc::new(AdminState {
             metrics,
             draining: draining.clone(),
             reloader: reloader.clone(),
             dispatcher: dispatcher.clone(),
             token: admin_token,
-        })),
+        }))],
         limits,
-        stop.clone(),
         close_grace,
+    )?;
+    let webhook_server = tokio::spawn(server::serve(
+        webhook_listener,
+        webhook_workers,
+        limits.max_connections,
+        stop.clone(),
+    ));
+    let admin_server = tokio::spawn(server::serve(
+        admin_listener,
+        admin_workers,
+        limits.max_connections,
+        stop.clone(),
     ));
 
     tokio::spawn(reloader.watch(
