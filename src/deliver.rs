@@ -1,19 +1,23 @@
 //! Sending a job to a destination: one HTTP attempt, classified, and the
 //! retry loop around it.
 //!
-//! One pooled client serves every destination. Redirects are never
-//! followed (a downstream must not be able to point hookgate elsewhere),
-//! and a response body is read only as far as needed to reuse the
-//! connection, never buffered whole.
+//! The client is hyper's, with a pool of keep-alive connections per
+//! destination. Redirects are never followed (a downstream must not be
+//! able to point hookgate elsewhere), and a response body is read only as
+//! far as needed to reuse the connection, never buffered whole.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use http::header::{CONTENT_TYPE, RETRY_AFTER};
-use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
-use reqwest::Url;
+use http::header::{CONTENT_TYPE, RETRY_AFTER, USER_AGENT};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
@@ -27,6 +31,8 @@ pub const HEADER_RULE: HeaderName = HeaderName::from_static("x-hookgate-rule");
 pub const HEADER_JOB_ID: HeaderName = HeaderName::from_static("x-hookgate-job-id");
 pub const HEADER_SIGNATURE: HeaderName = HeaderName::from_static("x-hub-signature-256");
 
+const USER_AGENT_VALUE: &str = concat!("hookgate/", env!("CARGO_PKG_VERSION"));
+
 /// How much of a response body is read (and discarded) so that the
 /// connection can go back to the pool; a longer body closes it instead.
 const DRAIN_LIMIT: usize = 64 * 1024;
@@ -35,14 +41,14 @@ const DRAIN_LIMIT: usize = 64 * 1024;
 #[derive(Debug, Clone)]
 pub struct Delivery {
     pub destination: DestinationName,
-    pub url: Url,
+    pub url: Uri,
     pub headers: HeaderMap,
     pub body: Bytes,
 }
 
 impl Delivery {
     /// A delivery of a job routed just now (direct mode).
-    pub fn new(verified: &Verified, job_id: &str, route: &Route<'_>, url: Url) -> Self {
+    pub fn new(verified: &Verified, job_id: &str, route: &Route<'_>, url: Uri) -> Self {
         Self::build(
             route.destination.name.clone(),
             url,
@@ -58,7 +64,7 @@ impl Delivery {
     /// the rule that sent it and the job id, after the configured headers.
     pub fn build(
         destination: DestinationName,
-        url: Url,
+        url: Uri,
         configured: impl Iterator<Item = (HeaderName, HeaderValue)>,
         rule: &str,
         job_id: &str,
@@ -70,6 +76,7 @@ impl Delivery {
             headers.insert(name, value);
         }
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(USER_AGENT, HeaderValue::from_static(USER_AGENT_VALUE));
         if let Some(signature) = signature {
             headers.insert(HEADER_SIGNATURE, signature);
         }
@@ -170,8 +177,12 @@ impl std::fmt::Display for Outcome {
     }
 }
 
+/// The HTTP client for destinations and `hookgate send`: plain HTTP or
+/// TLS (rustls, the platform's trust store), HTTP/1.1 keep-alive.
+pub type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
 pub struct Forwarder {
-    client: reqwest::Client,
+    client: HttpClient,
     defaults: Policy,
     backoff: Backoff,
     metrics: Arc<Metrics>,
@@ -179,13 +190,13 @@ pub struct Forwarder {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("cannot build the HTTP client: {0}")]
-pub struct ClientError(#[from] reqwest::Error);
+#[error("cannot set up TLS for the HTTP client: {0}")]
+pub struct ClientError(#[from] rustls::Error);
 
 impl Forwarder {
     pub fn new(config: &DeliveryConfig, metrics: Arc<Metrics>) -> Result<Self, ClientError> {
         Ok(Self {
-            client: Self::client(config.timeout)?,
+            client: http_client(config.timeout)?,
             defaults: Policy {
                 timeout: config.timeout,
                 max_attempts: config.max_attempts,
@@ -200,23 +211,13 @@ impl Forwarder {
         })
     }
 
-    fn client(connect_timeout: Duration) -> Result<reqwest::Client, ClientError> {
-        Ok(client_builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .connect_timeout(connect_timeout)
-            .pool_idle_timeout(Duration::from_secs(60))
-            .tcp_nodelay(true)
-            .user_agent(concat!("hookgate/", env!("CARGO_PKG_VERSION")))
-            .build()?)
-    }
-
     /// A forwarder with a connection pool of its own that shares the
     /// destinations' concurrency limits: one per server worker thread, so
     /// that a pooled connection is only ever driven by the thread that
     /// uses it.
     pub fn fork(&self) -> Result<Self, ClientError> {
         Ok(Self {
-            client: Self::client(self.defaults.timeout)?,
+            client: http_client(self.defaults.timeout)?,
             defaults: self.defaults,
             backoff: self.backoff,
             metrics: self.metrics.clone(),
@@ -252,14 +253,13 @@ impl Forwarder {
     /// One HTTP attempt, counted and timed.
     pub async fn attempt(&self, delivery: &Delivery, timeout: Duration) -> Outcome {
         let started = Instant::now();
-        let request = self
-            .client
-            .post(delivery.url.clone())
-            .headers(delivery.headers.clone())
-            .body(delivery.body.clone());
-        let outcome = match tokio::time::timeout(timeout, send(request)).await {
+        let mut request = Request::new(Full::new(delivery.body.clone()));
+        *request.method_mut() = Method::POST;
+        *request.uri_mut() = delivery.url.clone();
+        *request.headers_mut() = delivery.headers.clone();
+        let outcome = match tokio::time::timeout(timeout, send(&self.client, request)).await {
             Ok(Ok(outcome)) => outcome,
-            Ok(Err(e)) if e.is_timeout() => Outcome::Timeout,
+            Ok(Err(e)) if timed_out(&e) => Outcome::Timeout,
             Ok(Err(e)) => Outcome::Connect(error_chain(&e)),
             Err(_) => Outcome::Timeout,
         };
@@ -318,31 +318,62 @@ impl Forwarder {
     }
 }
 
-/// A reqwest client builder with TLS ready. reqwest is built without its
-/// default TLS provider so that ring (small, quick to build) is used; it is
-/// installed here, once per process, before any client exists.
-pub fn client_builder() -> reqwest::ClientBuilder {
+/// Builds the client. rustls is built with ring only (small, quick to
+/// build), installed here as the process's provider before any TLS
+/// configuration is made.
+pub fn http_client(connect_timeout: Duration) -> Result<HttpClient, ClientError> {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder()
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(connect_timeout));
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .try_with_platform_verifier()?
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(60))
+        .pool_timer(TokioTimer::new())
+        .build(https))
 }
 
-async fn send(request: reqwest::RequestBuilder) -> Result<Outcome, reqwest::Error> {
-    let mut response = request.send().await?;
+async fn send(
+    client: &HttpClient,
+    request: Request<Full<Bytes>>,
+) -> Result<Outcome, hyper_util::client::legacy::Error> {
+    let response = client.request(request).await?;
     let outcome = Outcome::from_status(response.status(), response.headers());
+    let mut body = response.into_body();
     let mut read = 0;
     while read <= DRAIN_LIMIT {
-        match response.chunk().await {
-            Ok(Some(chunk)) => read += chunk.len(),
+        match body.frame().await {
+            Some(Ok(frame)) => read += frame.data_ref().map_or(0, Bytes::len),
             // The status is what counts; a body cut short only costs the
             // connection its place in the pool.
-            Ok(None) | Err(_) => break,
+            Some(Err(_)) | None => break,
         }
     }
     Ok(outcome)
 }
 
-/// reqwest's top-level message is generic ("error sending request"); the
-/// cause is what an operator needs (refused, reset, no such host).
+/// A connect timeout surfaces as an I/O error somewhere down the chain.
+fn timed_out(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(e);
+    while let Some(cause) = source {
+        if cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+        {
+            return true;
+        }
+        source = cause.source();
+    }
+    false
+}
+
+/// The client's top-level message is generic ("client error (Connect)");
+/// the cause is what an operator needs (refused, reset, no such host).
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut text = e.to_string();
     let mut source = e.source();

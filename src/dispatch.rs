@@ -527,7 +527,7 @@ fn delivery_of(
     record: &Record,
     job: StoredJob,
 ) -> Result<Delivery, String> {
-    let url = reqwest::Url::parse(&record.url)
+    let url = http::Uri::try_from(record.url.as_str())
         .map_err(|e| format!("stored URL {:?} is invalid: {e}", record.url))?;
     let headers = record.headers.iter().filter_map(|(n, v)| {
         Some((

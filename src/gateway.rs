@@ -101,7 +101,7 @@ pub enum Dispatch {
     /// Forward inline within `deadline`; answer 200 only if every
     /// destination took it.
     Direct {
-        forwarder: Forwarder,
+        forwarder: Box<Forwarder>,
         deadline: Duration,
     },
     /// Store durably, answer 202, deliver from the spool.
@@ -141,7 +141,7 @@ impl Gateway {
                 forwarder,
                 deadline,
             } => Dispatch::Direct {
-                forwarder: forwarder.fork()?,
+                forwarder: Box::new(forwarder.fork()?),
                 deadline: *deadline,
             },
             Dispatch::Durable(dispatcher) => Dispatch::Durable(dispatcher.clone()),

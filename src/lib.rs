@@ -118,7 +118,7 @@ pub async fn run(
     let (dispatch, dispatcher) = match config.delivery.mode {
         Mode::Direct => (
             Dispatch::Direct {
-                forwarder,
+                forwarder: Box::new(forwarder),
                 deadline: config.delivery.direct_deadline,
             },
             None,

@@ -116,7 +116,7 @@ pub struct Route<'r> {
     pub destination: &'r Destination,
     /// The destination URL with `{query.NAME}` filled in, or why it could
     /// not be (the job is then not forwarded there).
-    pub url: Result<reqwest::Url, TemplateError>,
+    pub url: Result<http::Uri, TemplateError>,
 }
 
 impl Route<'_> {

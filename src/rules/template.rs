@@ -9,7 +9,8 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::RwLock;
 
-use reqwest::Url;
+use http::Uri;
+use url::Url;
 
 use crate::query::Query;
 
@@ -24,11 +25,11 @@ pub struct UrlTemplate {
     source: String,
     parts: Vec<Part>,
     /// Parsed once when there is nothing to fill in.
-    fixed: Option<Url>,
+    fixed: Option<Uri>,
     /// Filled-in URLs already parsed: parsing (with IDNA) is most of the
     /// cost of routing, and the values (tenants) repeat. Bounded: emptied
     /// when full, so odd values cannot grow it.
-    resolved: RwLock<HashMap<String, Url>>,
+    resolved: RwLock<HashMap<String, Uri>>,
 }
 
 const RESOLVED_MAX: usize = 1024;
@@ -89,16 +90,17 @@ impl UrlTemplate {
                 "{source:?} must be an http:// or https:// URL with a host"
             ));
         }
+        let uri = normalized(&url).map_err(|e| format!("{source:?} is not a valid URL: {e}"))?;
         let templated = parts.iter().any(|p| matches!(p, Part::Query(_)));
         Ok(Self {
             source: source.to_owned(),
             parts,
-            fixed: (!templated).then_some(url),
+            fixed: (!templated).then_some(uri),
             resolved: RwLock::new(HashMap::new()),
         })
     }
 
-    pub fn resolve(&self, query: &Query<'_>) -> Result<Url, TemplateError> {
+    pub fn resolve(&self, query: &Query<'_>) -> Result<Uri, TemplateError> {
         if let Some(url) = &self.fixed {
             return Ok(url.clone());
         }
@@ -130,10 +132,13 @@ impl UrlTemplate {
         }
         // The template parsed with a safe sample; the same characters
         // cannot break it. Kept as an error rather than a panic regardless.
-        let url = Url::parse(&out).map_err(|_| TemplateError::Invalid {
-            name: self.placeholders().next().unwrap_or_default().to_owned(),
-            value: out.clone(),
-        })?;
+        let url = Url::parse(&out)
+            .ok()
+            .and_then(|url| normalized(&url).ok())
+            .ok_or_else(|| TemplateError::Invalid {
+                name: self.placeholders().next().unwrap_or_default().to_owned(),
+                value: out.clone(),
+            })?;
         let mut resolved = self.resolved.write().unwrap_or_else(|p| p.into_inner());
         if resolved.len() >= RESOLVED_MAX {
             resolved.clear();
@@ -154,6 +159,13 @@ impl fmt::Display for UrlTemplate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.source)
     }
+}
+
+/// The URL as the client sends it: parsed and normalized by the WHATWG
+/// rules (IDNA, percent-encoding, default port) once, here, so the host
+/// that was checked is the host that is called.
+fn normalized(url: &Url) -> Result<Uri, http::uri::InvalidUri> {
+    Uri::try_from(url.as_str())
 }
 
 fn is_safe(value: &str) -> bool {

@@ -7,9 +7,11 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
 use warp::Filter;
 
 mod route;
@@ -99,25 +101,31 @@ pub fn sign(secret_env: &str, payload: &Path) -> anyhow::Result<ExitCode> {
 pub async fn send(url: &str, secret_env: Option<&str>, payload: &Path) -> anyhow::Result<ExitCode> {
     let body =
         std::fs::read(payload).with_context(|| format!("cannot read {}", payload.display()))?;
-    let client = crate::deliver::client_builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()?;
-    let mut request = client
-        .post(url)
-        .header(http::header::CONTENT_TYPE, "application/json");
+    let uri = http::Uri::try_from(url).with_context(|| format!("{url:?} is not a URL"))?;
+    let mut request = http::Request::post(uri)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .header(
+            http::header::USER_AGENT,
+            concat!("hookgate/", env!("CARGO_PKG_VERSION")),
+        );
     if let Some(var) = secret_env {
         request = request.header(
             "X-Hub-Signature-256",
             verify::sign(&secret_from_env(var)?, &body),
         );
     }
-    let response = request
-        .body(body)
-        .send()
+    let client = crate::deliver::http_client(Duration::from_secs(10))?;
+    let response = client
+        .request(request.body(Full::new(Bytes::from(body)))?)
         .await
         .with_context(|| format!("cannot POST to {url}"))?;
     let status = response.status();
-    let text = response.text().await.unwrap_or_default();
+    // An answer is a status and a short message; more is not printed.
+    let text = Limited::new(response.into_body(), 64 * 1024)
+        .collect()
+        .await
+        .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
+        .unwrap_or_default();
     println!("{status}");
     if !text.is_empty() {
         println!("{text}");

@@ -276,7 +276,7 @@ async fn send_to_listen_round_trip() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let client = hookgate::deliver::client_builder().build().unwrap();
+    let client = reqwest::Client::builder().build().unwrap();
     eventually(Duration::from_secs(10), "listen is up", || {
         let req = client
             .post(format!("http://127.0.0.1:{port}/"))

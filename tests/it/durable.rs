@@ -307,9 +307,17 @@ forward = ["hang", "fast"]
         2,
         "the hanging destination's concurrency limit"
     );
-    let m = gw.metrics().await;
-    assert_eq!(m.get("hookgate_queue_depth", "destination=\"hang\""), 20.0);
-    assert_eq!(m.get("hookgate_queue_depth", "destination=\"fast\""), 0.0);
+    // The last delivery is recorded just after the downstream answers it.
+    eventually(
+        Duration::from_secs(5),
+        "fast drained, hang holding 20",
+        || async {
+            let m = gw.metrics().await;
+            m.get("hookgate_queue_depth", "destination=\"hang\"") == 20.0
+                && m.get("hookgate_queue_depth", "destination=\"fast\"") == 0.0
+        },
+    )
+    .await;
     gw.stop().await;
 }
 

@@ -270,7 +270,7 @@ impl Prometheus {
             url: format!("http://127.0.0.1:{port}"),
             _dir: dir,
         };
-        let client = hookgate::deliver::client_builder().build().unwrap();
+        let client = reqwest::Client::builder().build().unwrap();
         eventually(Duration::from_secs(20), "prometheus is ready", || {
             let req = client.get(format!("{}/-/ready", p.url)).send();
             async move { req.await.is_ok_and(|r| r.status() == 200) }
@@ -280,7 +280,7 @@ impl Prometheus {
     }
 
     async fn query(&self, expr: &str) -> Vec<serde_json::Value> {
-        let body: serde_json::Value = hookgate::deliver::client_builder()
+        let body: serde_json::Value = reqwest::Client::builder()
             .build()
             .unwrap()
             .get(format!("{}/api/v1/query", self.url))

@@ -376,7 +376,7 @@ impl TestGateway {
             admin,
             shutdown,
             task: Some(task),
-            client: hookgate::deliver::client_builder()
+            client: reqwest::Client::builder()
                 .redirect(reqwest::redirect::Policy::none())
                 .build()
                 .unwrap(),
@@ -610,7 +610,7 @@ impl BinaryGateway {
             admin,
             child: Some(child),
             log,
-            client: hookgate::deliver::client_builder().build().unwrap(),
+            client: reqwest::Client::builder().build().unwrap(),
         };
         for _ in 0..500 {
             if let Ok(r) = gw.client.get(format!("http://{admin}/readyz")).send().await {
