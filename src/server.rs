@@ -166,22 +166,49 @@ where
         })
 }
 
+/// The answer's JSON body.
+#[derive(serde::Serialize)]
+struct Answer<'a> {
+    status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    job_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message: Option<String>,
+}
+
 fn render(reply: Reply) -> Response {
-    let (status, body) = match &reply {
+    let (status, answer) = match &reply {
         Reply::Done { status, job_id } => (
             *status,
-            serde_json::json!({ "status": "ok", "job_id": job_id }),
+            Answer {
+                status: "ok",
+                job_id: Some(job_id),
+                reason: None,
+                message: None,
+            },
         ),
         Reply::NotDelivered { status, job_id } => (
             *status,
-            serde_json::json!({ "status": "not_delivered", "job_id": job_id }),
+            Answer {
+                status: "not_delivered",
+                job_id: Some(job_id),
+                reason: None,
+                message: None,
+            },
         ),
         Reply::Rejected(r) => (
             r.status(),
-            serde_json::json!({ "status": "rejected", "reason": r.reason(), "message": r.to_string() }),
+            Answer {
+                status: "rejected",
+                job_id: None,
+                reason: Some(r.reason()),
+                message: Some(r.to_string()),
+            },
         ),
     };
-    let mut response = warp::reply::with_status(warp::reply::json(&body), status).into_response();
+    let mut response = warp::reply::with_status(warp::reply::json(&answer), status).into_response();
     if let Reply::Rejected(r) = &reply {
         if let Some(seconds) = r.retry_after() {
             response

@@ -758,19 +758,25 @@ impl Writer {
         }
         t.seen.insert(job_id, now)?;
         t.seen_by_age.insert((now, job_id), ())?;
+        if job.records.is_empty() {
+            // Dropped by the rules: remembered as seen, nothing to keep.
+            return Ok(Accepted::New {
+                pending: Vec::new(),
+                dead: Vec::new(),
+            });
+        }
         let seq = self.next_job;
         self.next_job += 1;
         let encoded = job.job.encode();
         self.add(encoded.len());
         t.jobs.insert(seq, encoded.as_slice())?;
-        // One reference held while the records are stored.
-        t.refs.insert(seq, 1)?;
-        let (pending, dead) = self.store(t, seq, job.records)?;
+        t.refs.insert(seq, job.records.len() as u32)?;
+        let (pending, dead) = self.insert_records(t, seq, job.records)?;
         Ok(Accepted::New { pending, dead })
     }
 
     /// Stores `records` of job `seq`, which holds one reference that this
-    /// hands over to them (and releases if there are none: a dropped job).
+    /// hands over to them (and releases if there are none).
     fn store(
         &mut self,
         t: &mut Tables<'_>,
@@ -779,6 +785,18 @@ impl Writer {
     ) -> Result<Stored, SpoolError> {
         let refs = t.refs.get(seq)?.map_or(0, |r| r.value());
         t.refs.insert(seq, refs + records.len() as u32)?;
+        let stored = self.insert_records(t, seq, records)?;
+        self.release(t, seq)?;
+        Ok(stored)
+    }
+
+    /// Inserts the records of job `seq`, whose references are counted.
+    fn insert_records(
+        &mut self,
+        t: &mut Tables<'_>,
+        seq: u64,
+        records: Vec<Record>,
+    ) -> Result<Stored, SpoolError> {
         let mut pending = Vec::new();
         let mut dead = Vec::new();
         for mut record in records {
@@ -795,7 +813,6 @@ impl Writer {
                 pending.push((id, record));
             }
         }
-        self.release(t, seq)?;
         Ok((pending, dead))
     }
 
