@@ -1,10 +1,13 @@
 //! Durable delivery: the workers that take pending deliveries out of the
 //! [`Spool`] and forward them, one lane per destination.
 //!
-//! A lane holds only ids and times in memory (the bodies stay on disk) and
-//! has its own concurrency limit and circuit breaker, so a slow or dead
-//! destination never delays another. Outcomes go back to the spool: done,
-//! retry at a time, or dead letter.
+//! A lane holds only ids and times in memory (the bodies stay on disk), and
+//! only for the first few thousand of its pending deliveries: the rest wait
+//! on disk and are read back in id order as those are delivered, so memory
+//! stays flat through an outage of any length. Each lane has its own
+//! concurrency limit and circuit breaker, so a slow or dead destination
+//! never delays another. Outcomes go back to the spool: done, retry at a
+//! time, or dead letter.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
@@ -23,7 +26,10 @@ use crate::metrics::Metrics;
 use crate::query::Query;
 use crate::rules::{DestinationName, Input, RuleSet, UNROUTED};
 use crate::schedule::{Circuit, Gate, Next, RetryPolicy};
-use crate::spool::{Accepted, DeadFilter, NewJob, Record, Spool, SpoolError, StoredJob, unix_ms};
+use crate::spool::{
+    Accepted, DeadFilter, HELD_PER_DESTINATION, NewJob, OnDisk, ReadBack, Record, Recovered, Spool,
+    SpoolError, StoredJob, unix_ms,
+};
 
 /// The instant of a stored wall-clock time, for timers.
 fn instant_of(ms: u64) -> Instant {
@@ -39,11 +45,36 @@ fn instant_of(ms: u64) -> Instant {
 
 #[derive(Default)]
 struct LaneState {
-    /// Due times of the deliveries waiting, soonest first.
+    /// Due times of the held deliveries waiting, soonest first.
     due: BinaryHeap<Reverse<(Instant, u64)>>,
-    /// Every delivery waiting or in flight, with its first-accepted time.
-    pending: BTreeMap<u64, u64>,
+    /// The deliveries held in memory, waiting or in flight, with their
+    /// first-accepted time: about as many as the lane's capacity at most.
+    held: BTreeMap<u64, u64>,
+    /// Pending deliveries in all, held or on disk only.
+    queued: usize,
+    /// Set while some pending deliveries are on disk only: all those with
+    /// ids above it, none at or below it.
+    on_disk_after: Option<u64>,
+    /// While a read-back runs: deliveries offered meanwhile and left on
+    /// disk, in case its snapshot came too early to see them.
+    reading: Option<Vec<(u64, Instant, u64)>>,
     circuit: Circuit,
+}
+
+impl LaneState {
+    fn hold(&mut self, id: u64, at: Instant, first_ms: u64) {
+        if self.held.insert(id, first_ms).is_none() {
+            self.due.push(Reverse((at, id)));
+        }
+    }
+}
+
+/// What a lane's worker does next.
+enum Turn {
+    Deliver(u64),
+    /// Few deliveries are held and more wait on disk.
+    ReadBack,
+    Stop,
 }
 
 struct Lane {
@@ -51,31 +82,118 @@ struct Lane {
     state: Mutex<LaneState>,
     wake: Notify,
     permits: Arc<Semaphore>,
+    /// How many deliveries it holds in memory before leaving them on disk.
+    capacity: usize,
 }
 
 impl Lane {
+    fn new(name: DestinationName, concurrency: usize, capacity: usize) -> Self {
+        Self {
+            name,
+            state: Mutex::new(LaneState::default()),
+            wake: Notify::new(),
+            permits: Arc::new(Semaphore::new(concurrency)),
+            capacity,
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, LaneState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn push(&self, id: u64, at: Instant, first_ms: u64) {
+    /// A delivery newly pending (accepted, replayed, resumed): held, or
+    /// left on disk when the lane holds enough.
+    fn offer(&self, id: u64, at: Instant, first_ms: u64) {
         let mut state = self.lock();
-        state.pending.insert(id, first_ms);
-        state.due.push(Reverse((at, id)));
+        state.queued += 1;
+        match state.on_disk_after {
+            Some(after) if id > after => {
+                if let Some(meanwhile) = &mut state.reading {
+                    meanwhile.push((id, at, first_ms));
+                }
+                return;
+            }
+            // Ids can be offered a little out of order: everything below
+            // this one is held, or will be when it is offered.
+            None if state.held.len() >= self.capacity => {
+                state.on_disk_after = Some(id - 1);
+                return;
+            }
+            _ => state.hold(id, at, first_ms),
+        }
         drop(state);
         self.wake.notify_one();
     }
 
+    /// Deliveries that were pending at start-up beyond those held.
+    fn left_on_disk(&self, on_disk: OnDisk) {
+        let mut state = self.lock();
+        state.queued += on_disk.count;
+        state.on_disk_after = Some(on_disk.first - 1);
+    }
+
+    /// A held delivery, due again at `at`.
+    fn retry(&self, id: u64, at: Instant) {
+        self.lock().due.push(Reverse((at, id)));
+        self.wake.notify_one();
+    }
+
+    /// A held delivery that is no longer pending.
     fn forget(&self, id: u64) {
-        self.lock().pending.remove(&id);
+        let mut state = self.lock();
+        if state.held.remove(&id).is_some() {
+            state.queued = state.queued.saturating_sub(1);
+        }
+    }
+
+    /// Where a read-back starts and how much it may bring; `None` if
+    /// nothing is on disk.
+    fn begin_read_back(&self) -> Option<(u64, usize)> {
+        let mut state = self.lock();
+        let after = state.on_disk_after?;
+        state.reading = Some(Vec::new());
+        Some((after, self.capacity.saturating_sub(state.held.len())))
+    }
+
+    fn end_read_back(&self, back: Result<ReadBack, SpoolError>) {
+        let mut state = self.lock();
+        let meanwhile = state.reading.take().unwrap_or_default();
+        let back = match back {
+            Ok(back) => back,
+            // Still on disk, read back on a later turn.
+            Err(e) => {
+                tracing::error!(destination = %self.name, "cannot read pending deliveries back from the spool: {e}");
+                return;
+            }
+        };
+        for (id, record) in back.found {
+            state.hold(id, instant_of(record.next_ms), record.first_ms);
+        }
+        if back.exhausted {
+            // Offered during the scan but after its snapshot: not found,
+            // so held now.
+            for (id, at, first_ms) in meanwhile {
+                if id > back.last {
+                    state.hold(id, at, first_ms);
+                }
+            }
+            state.on_disk_after = None;
+        } else {
+            state.on_disk_after = Some(back.last);
+        }
+        drop(state);
+        self.wake.notify_one();
     }
 
     /// Waits for a delivery that is due and that the circuit lets through.
-    async fn next(&self, stop: &CancellationToken) -> Option<u64> {
+    async fn next(&self, stop: &CancellationToken) -> Turn {
         loop {
             let notified = self.wake.notified();
             let wait = {
                 let mut state = self.lock();
+                if state.on_disk_after.is_some() && state.held.len() <= self.capacity / 2 {
+                    return Turn::ReadBack;
+                }
                 let now = Instant::now();
                 match state.due.peek().map(|Reverse((at, id))| (*at, *id)) {
                     None => None,
@@ -83,7 +201,7 @@ impl Lane {
                     Some((_, id)) => match state.circuit.gate(now) {
                         Gate::Pass => {
                             state.due.pop();
-                            return Some(id);
+                            return Turn::Deliver(id);
                         }
                         Gate::WaitUntil(until) => Some(until),
                         Gate::WaitForProbe => None,
@@ -99,7 +217,7 @@ impl Lane {
             tokio::select! {
                 () = notified => {}
                 () = sleep => {}
-                () = stop.cancelled() => return None,
+                () = stop.cancelled() => return Turn::Stop,
             }
         }
     }
@@ -156,10 +274,13 @@ impl Dispatcher {
     }
 
     /// Resumes what the spool held at start-up.
-    pub fn resume(self: &Arc<Self>, pending: Vec<(u64, Record)>, dead: HashMap<String, i64>) {
-        *self.dead.lock().unwrap_or_else(|p| p.into_inner()) = dead;
-        for (id, record) in pending {
+    pub fn resume(self: &Arc<Self>, recovered: Recovered) {
+        *self.dead.lock().unwrap_or_else(|p| p.into_inner()) = recovered.dead_by_destination;
+        for (id, record) in recovered.pending {
             self.enqueue(id, &record);
+        }
+        for (destination, on_disk) in recovered.on_disk {
+            self.lane(&destination).left_on_disk(on_disk);
         }
     }
 
@@ -187,12 +308,11 @@ impl Dispatcher {
             .forwarder
             .policy(rules.destination(destination))
             .concurrency;
-        let lane = Arc::new(Lane {
-            name: DestinationName::from(destination),
-            state: Mutex::new(LaneState::default()),
-            wake: Notify::new(),
-            permits: Arc::new(Semaphore::new(concurrency)),
-        });
+        let lane = Arc::new(Lane::new(
+            DestinationName::from(destination),
+            concurrency,
+            HELD_PER_DESTINATION,
+        ));
         lanes.insert(lane.name.clone(), lane.clone());
         let (me, worker) = (self.clone(), lane.clone());
         self.tasks
@@ -202,7 +322,7 @@ impl Dispatcher {
 
     fn enqueue(self: &Arc<Self>, id: u64, record: &Record) {
         self.lane(&record.destination)
-            .push(id, instant_of(record.next_ms), record.first_ms);
+            .offer(id, instant_of(record.next_ms), record.first_ms);
     }
 
     async fn run_lane(self: Arc<Self>, lane: Arc<Lane>) {
@@ -214,8 +334,13 @@ impl Dispatcher {
                 },
                 () = self.stop.cancelled() => return,
             };
-            let Some(id) = lane.next(&self.stop).await else {
-                return;
+            let id = match lane.next(&self.stop).await {
+                Turn::Deliver(id) => id,
+                Turn::ReadBack => {
+                    self.read_back(&lane).await;
+                    continue;
+                }
+                Turn::Stop => return,
             };
             let (me, lane) = (self.clone(), lane.clone());
             self.tasks.spawn(async move {
@@ -223,6 +348,26 @@ impl Dispatcher {
                 drop(permit);
                 lane.wake.notify_one();
             });
+        }
+    }
+
+    async fn read_back(&self, lane: &Lane) {
+        let Some((after, room)) = lane.begin_read_back() else {
+            return;
+        };
+        let spool = self.spool.clone();
+        let name = lane.name.clone();
+        let back =
+            tokio::task::spawn_blocking(move || spool.pending_after(name.as_str(), after, room))
+                .await
+                .unwrap_or_else(|e| Err(SpoolError::Storage(e.to_string())));
+        let failed = back.is_err();
+        lane.end_read_back(back);
+        if failed {
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs(5)) => {}
+                () = self.stop.cancelled() => {}
+            }
         }
     }
 
@@ -237,7 +382,7 @@ impl Dispatcher {
                 // The spool cannot be read right now: try again later
                 // rather than lose track of the delivery.
                 tracing::error!(id, destination = %lane.name, "cannot load a delivery: {e}");
-                lane.push(id, Instant::now() + Duration::from_secs(5), unix_ms());
+                lane.retry(id, Instant::now() + Duration::from_secs(5));
                 return;
             }
         };
@@ -300,7 +445,7 @@ impl Dispatcher {
                             // Still retried: at worst the attempt is not counted.
                             tracing::error!(id, "cannot record a failed attempt: {e}");
                         }
-                        lane.push(id, at, record.first_ms);
+                        lane.retry(id, at);
                     }
                     Next::GiveUp(reason) => {
                         lane.forget(id);
@@ -424,9 +569,9 @@ impl Dispatcher {
             self.metrics
                 .queue_depth
                 .with_label_values(&[name])
-                .set(state.pending.len() as i64);
+                .set(state.queued as i64);
             let oldest = state
-                .pending
+                .held
                 .first_key_value()
                 .map_or(0, |(_, first)| now_ms.saturating_sub(*first));
             self.metrics
@@ -548,4 +693,134 @@ fn delivery_of(
         signature,
         job.body,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lane(capacity: usize) -> Lane {
+        Lane::new(DestinationName::from("d"), 1, capacity)
+    }
+
+    fn offer_all(lane: &Lane, ids: impl IntoIterator<Item = u64>) {
+        let now = Instant::now();
+        for id in ids {
+            lane.offer(id, now, id);
+        }
+    }
+
+    /// As the worker does with a delivery: takes it, then forgets it.
+    fn deliver(lane: &Lane, id: u64) {
+        lane.lock().due.retain(|Reverse((_, due))| *due != id);
+        lane.forget(id);
+    }
+
+    fn held(lane: &Lane) -> Vec<u64> {
+        lane.lock().held.keys().copied().collect()
+    }
+
+    fn record(id: u64) -> (u64, Record) {
+        let record = Record {
+            job: 1,
+            job_id: format!("j{id}"),
+            destination: "d".into(),
+            rule: "r".into(),
+            url: "http://d/".into(),
+            headers: Vec::new(),
+            attempts: 0,
+            first_ms: id,
+            next_ms: 0,
+            last_attempt_ms: None,
+            last_error: None,
+            dead_reason: None,
+            dead_ms: None,
+        };
+        (id, record)
+    }
+
+    #[test]
+    fn holds_up_to_capacity_and_counts_the_rest() {
+        let lane = lane(4);
+        offer_all(&lane, 1..=10);
+        let state = lane.lock();
+        assert_eq!(state.held.keys().copied().collect::<Vec<_>>(), [1, 2, 3, 4]);
+        assert_eq!(state.due.len(), 4);
+        assert_eq!(state.queued, 10);
+        assert_eq!(state.on_disk_after, Some(4));
+    }
+
+    #[test]
+    fn an_id_offered_late_below_the_spill_is_held() {
+        let lane = lane(3);
+        // 3 is offered after 4 and 5 (two accepts answered out of order).
+        offer_all(&lane, [1, 2, 4, 5, 3]);
+        assert_eq!(held(&lane), [1, 2, 3, 4]);
+        assert_eq!(lane.lock().on_disk_after, Some(4));
+        assert_eq!(lane.lock().queued, 5);
+    }
+
+    #[test]
+    fn reading_back_resumes_where_the_disk_part_starts() {
+        let lane = lane(4);
+        offer_all(&lane, 1..=10);
+        for id in 1..=3 {
+            deliver(&lane, id);
+        }
+        assert_eq!(lane.begin_read_back(), Some((4, 3)));
+        lane.end_read_back(Ok(ReadBack {
+            found: (5..=7).map(record).collect(),
+            last: 7,
+            exhausted: false,
+        }));
+        assert_eq!(held(&lane), [4, 5, 6, 7]);
+        assert_eq!(lane.lock().on_disk_after, Some(7));
+        assert_eq!(lane.lock().queued, 7);
+    }
+
+    #[test]
+    fn offers_during_a_read_back_are_not_lost() {
+        let lane = lane(2);
+        offer_all(&lane, 1..=4);
+        deliver(&lane, 1);
+        deliver(&lane, 2);
+        assert_eq!(lane.begin_read_back(), Some((2, 2)));
+        // Offered while the scan runs: 5 made it into its snapshot, 6 did not.
+        offer_all(&lane, [5, 6]);
+        lane.end_read_back(Ok(ReadBack {
+            found: [3, 4, 5].into_iter().map(record).collect(),
+            last: 5,
+            exhausted: true,
+        }));
+        let state = lane.lock();
+        assert_eq!(state.held.keys().copied().collect::<Vec<_>>(), [3, 4, 5, 6]);
+        assert_eq!(state.due.len(), 4, "5 is due once, not twice");
+        assert_eq!(state.on_disk_after, None);
+        assert_eq!(state.queued, 4);
+    }
+
+    #[test]
+    fn a_failed_read_back_leaves_the_disk_part_for_later() {
+        let lane = lane(1);
+        offer_all(&lane, 1..=3);
+        deliver(&lane, 1);
+        assert!(lane.begin_read_back().is_some());
+        offer_all(&lane, [4]);
+        lane.end_read_back(Err(SpoolError::Closed));
+        assert!(held(&lane).is_empty());
+        assert_eq!(lane.lock().on_disk_after, Some(1));
+        assert_eq!(lane.lock().queued, 3);
+    }
+
+    #[tokio::test]
+    async fn the_worker_reads_back_once_half_the_capacity_is_free() {
+        let lane = lane(4);
+        let stop = CancellationToken::new();
+        offer_all(&lane, 1..=6);
+        assert!(matches!(lane.next(&stop).await, Turn::Deliver(1)));
+        lane.forget(1);
+        assert!(matches!(lane.next(&stop).await, Turn::Deliver(2)));
+        lane.forget(2);
+        assert!(matches!(lane.next(&stop).await, Turn::ReadBack));
+    }
 }

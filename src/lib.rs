@@ -22,8 +22,8 @@
 //! - [`reload`]: watches the rules file and publishes each valid version
 //!   whole.
 //! - [`gateway`]: the pipeline for one webhook, and the answer it gets.
-//! - [`server`]: the thin HTTP layer (warp on hyper) for the webhook port;
-//!   [`admin`] for the admin port.
+//! - [`server`]: the thin HTTP layer (warp on hyper), one single-threaded
+//!   runtime per core for the webhook port; [`admin`] for the admin port.
 //! - [`tools`]: the operator commands (`check`, `route`, `sign`, `send`,
 //!   `listen`).
 //!
@@ -251,7 +251,8 @@ fn open_spool(
         );
     }
     tracing::info!(
-        pending = recovered.pending.len(),
+        pending = recovered.pending.len()
+            + recovered.on_disk.values().map(|d| d.count).sum::<usize>(),
         dead_letters = recovered.dead_by_destination.values().sum::<i64>(),
         bytes = spool.bytes(),
         path = %config.spool.path.display(),
@@ -264,6 +265,6 @@ fn open_spool(
         rules,
         config.delivery.max_age,
     );
-    dispatcher.resume(recovered.pending, recovered.dead_by_destination);
+    dispatcher.resume(recovered);
     Ok(dispatcher)
 }

@@ -213,10 +213,19 @@ pub enum OpenError {
     Open { path: PathBuf, message: String },
 }
 
+/// How many pending deliveries per destination are held in memory; the
+/// rest are read back from disk in id order as those are delivered, so
+/// memory stays flat however long an outage makes the queue.
+pub const HELD_PER_DESTINATION: usize = 4096;
+
 /// What was in the spool at start-up.
 #[derive(Debug, Default)]
 pub struct Recovered {
+    /// The first [`HELD_PER_DESTINATION`] pending deliveries of each
+    /// destination, in id order.
     pub pending: Vec<(u64, Record)>,
+    /// The pending deliveries beyond those, by destination.
+    pub on_disk: HashMap<String, OnDisk>,
     pub dead_by_destination: HashMap<String, i64>,
     /// Set when a damaged file was moved aside.
     pub moved_aside: Option<PathBuf>,
@@ -256,6 +265,24 @@ enum Op {
     },
     /// Commit what came before, then stop.
     Close,
+}
+
+/// A destination's pending deliveries left on disk only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OnDisk {
+    pub count: usize,
+    /// The lowest id among them.
+    pub first: u64,
+}
+
+/// Pending deliveries read back from disk for one destination.
+#[derive(Debug, Default)]
+pub struct ReadBack {
+    pub found: Vec<(u64, Record)>,
+    /// The highest id looked at: every match up to it is in `found`.
+    pub last: u64,
+    /// True when the scan reached the end of the table.
+    pub exhausted: bool,
 }
 
 /// Records stored for a job: pending with their ids, and dead letters.
@@ -382,6 +409,41 @@ impl Spool {
         let (reply, answer) = oneshot::channel();
         self.send(Op::Accept { job, reply })?;
         answer.await.map_err(|_| SpoolError::Closed)?
+    }
+
+    /// Up to `limit` pending deliveries of `destination` with ids above
+    /// `after`, in id order. Reads a snapshot: a delivery committed after
+    /// it has a higher id than any it holds.
+    pub fn pending_after(
+        &self,
+        destination: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<ReadBack, SpoolError> {
+        // Records of other destinations are skipped, a bounded number per
+        // call, so one call never scans a whole long queue.
+        let mut budget = limit.saturating_mul(16).max(1024);
+        let txn = self.db.begin_read()?;
+        let deliveries = txn.open_table(DELIVERIES)?;
+        let mut back = ReadBack {
+            last: after,
+            exhausted: true,
+            ..ReadBack::default()
+        };
+        for entry in deliveries.range(after.saturating_add(1)..)? {
+            if back.found.len() >= limit || budget == 0 {
+                back.exhausted = false;
+                break;
+            }
+            budget -= 1;
+            let (id, raw) = entry?;
+            let record: Record = serde_json::from_slice(raw.value())?;
+            back.last = id.value();
+            if record.destination == destination {
+                back.found.push((id.value(), record));
+            }
+        }
+        Ok(back)
     }
 
     /// The job and record of a pending delivery; `None` if it is gone
@@ -546,13 +608,27 @@ fn recover(db: &Database) -> Result<(Recovered, u64, u64, u64), SpoolError> {
     let mut bytes = 0;
     let mut next_id = 1;
     let mut next_job = 1;
+    let mut held: HashMap<String, usize> = HashMap::new();
     for entry in txn.open_table(DELIVERIES)?.iter()? {
         let (id, raw) = entry?;
+        let id = id.value();
         bytes += raw.value().len() as u64;
-        next_id = next_id.max(id.value() + 1);
-        recovered
-            .pending
-            .push((id.value(), serde_json::from_slice(raw.value())?));
+        next_id = next_id.max(id + 1);
+        let record: Record = serde_json::from_slice(raw.value())?;
+        let n = held.entry(record.destination.clone()).or_default();
+        if *n < HELD_PER_DESTINATION {
+            *n += 1;
+            recovered.pending.push((id, record));
+        } else {
+            recovered
+                .on_disk
+                .entry(record.destination)
+                .and_modify(|d| d.count += 1)
+                .or_insert(OnDisk {
+                    count: 1,
+                    first: id,
+                });
+        }
     }
     for entry in txn.open_table(DEAD)?.iter()? {
         let (id, raw) = entry?;

@@ -451,3 +451,59 @@ async fn sigterm_keeps_pending_deliveries_for_the_next_start() {
     down.wait_for(20, Duration::from_secs(10)).await;
     let _ = gw.stop().await;
 }
+
+/// A queue longer than a lane holds in memory (4,096 deliveries) waits on
+/// disk, survives a restart, and is delivered whole once the destination
+/// is back: each job once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_queue_waits_on_disk_and_is_delivered_whole() {
+    const N: usize = 5_000;
+    let down_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let gw = durable(to(&format!("http://{down_addr}/hook")))
+        .start()
+        .await;
+    let client = reqwest::Client::new();
+    let url = gw.url("/results");
+    let mut senders = Vec::new();
+    for worker in 0..16 {
+        let (client, url) = (client.clone(), url.clone());
+        senders.push(tokio::spawn(async move {
+            for i in (worker..N).step_by(16) {
+                let body = job(&format!("long-{i}"), &[]);
+                let r = client
+                    .post(&url)
+                    .header("X-Hub-Signature-256", sign(&body))
+                    .body(body)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 202);
+            }
+        }));
+    }
+    for s in senders {
+        s.await.unwrap();
+    }
+    let depth = |m: &Metrics| m.get("hookgate_queue_depth", "destination=\"down\"");
+    assert_eq!(depth(&gw.metrics().await), N as f64);
+
+    let gw = gw.restart().await;
+    assert_eq!(depth(&gw.metrics().await), N as f64, "after a restart");
+
+    let down = Downstream::start_on(down_addr, []).await;
+    let got = down.wait_for(N, Duration::from_secs(60)).await;
+    let mut ids: Vec<String> = got
+        .iter()
+        .map(|r| r.header("x-hookgate-job-id").unwrap().to_owned())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), N, "every job delivered");
+    eventually(Duration::from_secs(5), "the queue drained", || async {
+        depth(&gw.metrics().await) == 0.0
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(down.received().len(), N, "no job delivered twice");
+    gw.stop().await;
+}
