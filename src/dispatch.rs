@@ -241,21 +241,33 @@ pub struct Dispatcher {
     dead: Mutex<HashMap<String, i64>>,
     stop: CancellationToken,
     tasks: TaskTracker,
-    /// Where the lanes run: the main runtime, not the server worker
-    /// thread whose webhook happened to open a lane.
+    /// Where the lanes run: a thread of their own with a single-threaded
+    /// runtime, so an attempt, its connection and its lane never wake one
+    /// another across threads (as for the server workers).
     runtime: Handle,
+    /// Lets the lanes' thread end once they have.
+    lanes_done: CancellationToken,
 }
 
 impl Dispatcher {
-    /// Called on the runtime that is to run the delivery lanes.
+    /// Starts the lanes' thread; lanes start as deliveries arrive.
     pub fn new(
         spool: Arc<Spool>,
         forwarder: Arc<Forwarder>,
         metrics: Arc<Metrics>,
         rules: watch::Receiver<Arc<RuleSet>>,
         max_age: Duration,
-    ) -> Arc<Self> {
-        Arc::new(Self {
+    ) -> std::io::Result<Arc<Self>> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let lanes_done = CancellationToken::new();
+        let handle = runtime.handle().clone();
+        let done = lanes_done.clone();
+        std::thread::Builder::new()
+            .name("hookgate-deliver".into())
+            .spawn(move || runtime.block_on(done.cancelled()))?;
+        Ok(Arc::new(Self {
             spool,
             forwarder,
             metrics,
@@ -265,8 +277,9 @@ impl Dispatcher {
             dead: Mutex::new(HashMap::new()),
             stop: CancellationToken::new(),
             tasks: TaskTracker::new(),
-            runtime: Handle::current(),
-        })
+            runtime: handle,
+            lanes_done,
+        }))
     }
 
     pub fn spool(&self) -> &Spool {
@@ -604,6 +617,7 @@ impl Dispatcher {
                 "delivery attempts still in flight at shutdown stay pending and are retried after restart"
             );
         }
+        self.lanes_done.cancel();
         let spool = self.spool.clone();
         let _ = tokio::task::spawn_blocking(move || spool.close()).await;
     }

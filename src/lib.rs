@@ -82,6 +82,8 @@ pub enum Error {
     Spool(#[from] OpenError),
     #[error("cannot use the listening socket: {0}")]
     Io(#[from] std::io::Error),
+    #[error("cannot start a thread: {0}")]
+    Thread(std::io::Error),
 }
 
 /// Runs the gateway until `shutdown` is cancelled, then drains: readiness
@@ -177,7 +179,8 @@ pub async fn run(
             .collect(),
         limits,
         close_grace,
-    )?;
+    )
+    .map_err(Error::Thread)?;
     let admin_workers = server::Workers::start(
         vec![admin::routes(Arc::new(AdminState {
             metrics,
@@ -188,7 +191,8 @@ pub async fn run(
         }))],
         limits,
         close_grace,
-    )?;
+    )
+    .map_err(Error::Thread)?;
     let webhook_server = tokio::spawn(server::serve(
         webhook_listener,
         webhook_workers,
@@ -264,7 +268,8 @@ fn open_spool(
         metrics,
         rules,
         config.delivery.max_age,
-    );
+    )
+    .map_err(Error::Thread)?;
     dispatcher.resume(recovered);
     Ok(dispatcher)
 }
