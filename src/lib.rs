@@ -60,7 +60,6 @@ use crate::gateway::Gateway;
 use crate::metrics::Metrics;
 use crate::reload::{Reloader, Secrets};
 use crate::rules::LoadError;
-use crate::server::ConnLimits;
 use crate::spool::{OpenError, Spool};
 
 /// The two ports, bound by the caller (tests bind port 0).
@@ -150,10 +149,10 @@ pub async fn run(
         "hookgate listening"
     );
 
-    let limits = ConnLimits {
-        header_read_timeout: config.server.header_read_timeout,
-        max_connections: config.server.max_connections,
-    };
+    let (header_read_timeout, max_connections) = (
+        config.server.header_read_timeout,
+        config.server.max_connections,
+    );
     let stop = CancellationToken::new();
     let grace = config.shutdown.grace;
     // Once the webhooks in flight are done, open connections only need a
@@ -177,7 +176,7 @@ pub async fn run(
                 )
             })
             .collect(),
-        limits,
+        header_read_timeout,
         close_grace,
     )
     .map_err(Error::Thread)?;
@@ -189,20 +188,20 @@ pub async fn run(
             dispatcher: dispatcher.clone(),
             token: admin_token,
         }))],
-        limits,
+        header_read_timeout,
         close_grace,
     )
     .map_err(Error::Thread)?;
     let webhook_server = tokio::spawn(server::serve(
         webhook_listener,
         webhook_workers,
-        limits.max_connections,
+        max_connections,
         stop.clone(),
     ));
     let admin_server = tokio::spawn(server::serve(
         admin_listener,
         admin_workers,
-        limits.max_connections,
+        max_connections,
         stop.clone(),
     ));
 

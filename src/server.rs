@@ -26,13 +26,6 @@ use warp::{Filter, Rejection as WarpRejection, Reply as _};
 use crate::gateway::{Gateway, Rejection, Reply, Webhook};
 use crate::verify;
 
-/// Limits applied to every connection of a listener.
-#[derive(Debug, Clone, Copy)]
-pub struct ConnLimits {
-    pub header_read_timeout: Duration,
-    pub max_connections: usize,
-}
-
 /// The webhook port: `POST {path}` and nothing else (404 / 405 otherwise).
 pub fn webhook_routes(
     gateway: Arc<Gateway>,
@@ -230,11 +223,12 @@ fn render(reply: Reply) -> Response {
 pub struct Workers(Vec<Worker>);
 
 impl Workers {
-    /// Starts one thread per filter; `grace` is how long each lets its
+    /// Starts one thread per filter. A client must send a request's headers
+    /// within `header_read_timeout`; `grace` is how long each thread lets
     /// open requests finish once the port closes.
     pub fn start<F, R>(
         filters: Vec<F>,
-        limits: ConnLimits,
+        header_read_timeout: Duration,
         grace: Duration,
     ) -> std::io::Result<Self>
     where
@@ -244,7 +238,7 @@ impl Workers {
         filters
             .into_iter()
             .enumerate()
-            .map(|(index, filter)| Worker::start(index, filter, limits, grace))
+            .map(|(index, filter)| Worker::start(index, filter, header_read_timeout, grace))
             .collect::<std::io::Result<Vec<_>>>()
             .map(Self)
     }
@@ -314,7 +308,7 @@ impl Worker {
     fn start<F, R>(
         index: usize,
         filter: F,
-        limits: ConnLimits,
+        header_read_timeout: Duration,
         grace: Duration,
     ) -> std::io::Result<Self>
     where
@@ -331,7 +325,13 @@ impl Worker {
         std::thread::Builder::new()
             .name(format!("hookgate-server-{index}"))
             .spawn(move || {
-                runtime.block_on(Self::run(accepted, filter, counter, limits, grace));
+                runtime.block_on(Self::run(
+                    accepted,
+                    filter,
+                    counter,
+                    header_read_timeout,
+                    grace,
+                ));
                 let _ = finished.send(());
             })?;
         Ok(Self {
@@ -358,7 +358,7 @@ impl Worker {
         mut accepted: mpsc::UnboundedReceiver<Accepted>,
         filter: F,
         open: Arc<AtomicUsize>,
-        limits: ConnLimits,
+        header_read_timeout: Duration,
         grace: Duration,
     ) where
         F: Filter<Extract = (R,), Error = WarpRejection> + Clone + Send + Sync + 'static,
@@ -369,7 +369,7 @@ impl Worker {
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder
             .timer(TokioTimer::new())
-            .header_read_timeout(limits.header_read_timeout);
+            .header_read_timeout(header_read_timeout);
         while let Some((stream, permit)) = accepted.recv().await {
             let stream = match tokio::net::TcpStream::from_std(stream) {
                 Ok(stream) => stream,
