@@ -326,7 +326,8 @@ def summarize(runs: list[dict]) -> dict:
 
 
 def report(summary: dict, args) -> str:
-    nginx_best = max((summary[k] for k in ("nginx 1 worker", "nginx 2 workers") if k in summary), key=lambda s: s["rps"])
+    nginx = [summary[k] for k in ("nginx 1 worker", "nginx 2 workers") if k in summary]
+    nginx_best = max(nginx, key=lambda s: s["rps"]) if nginx else None
     python = [summary[k] for k in ("fastapi+httpx", "fastapi+aiohttp") if k in summary]
     python_best = max(python, key=lambda s: s["rps"]) if python else None
     lines = [
@@ -341,16 +342,17 @@ def report(summary: dict, args) -> str:
         cpu = "-" if name == "sink alone" else f"{s['cpu_ms_per_1k']:.1f}"
         rss = "-" if name == "sink alone" else f"{s['peak_rss_mib']:.1f}"
         xpy = f"{s['rps'] / python_best['rps']:.1f}" if python_best else "-"
+        xng = f"{s['rps'] / nginx_best['rps']:.2f}" if nginx_best else "-"
         lines.append(
             f"{name:<18} {rng:>22} {s['p50_ms']:>7.2f} {s['p99_ms']:>7.2f} {s['p999_ms']:>7.2f} {cpu:>9} {rss:>8} "
-            f"{s['rps'] / nginx_best['rps']:>7.2f} {xpy:>8} {s['errors']:>6} {s['noisy_runs']:>5}"
+            f"{xng:>7} {xpy:>8} {s['errors']:>6} {s['noisy_runs']:>5}"
         )
     lines.append("")
     lines.append("CPU ms/1k: server CPU time per 1000 webhooks (the sink's is measured apart). noisy: runs where the")
     lines.append("machine was busier than the server, the sink and wrk account for (by more than 10% of its cores).")
     lines.append("")
     direct, durable = summary.get("hookgate direct"), summary.get("hookgate durable")
-    if direct and durable:
+    if direct and durable and nginx_best:
         lines.append("targets:")
         lines.append(f"  direct  >= 1.0x nginx req/s:     {direct['rps'] / nginx_best['rps']:.2f}x")
         lines.append(f"  direct  p99 <= nginx p99:         {direct['p99_ms']:.2f} ms vs {nginx_best['p99_ms']:.2f} ms")
