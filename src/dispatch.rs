@@ -114,8 +114,11 @@ impl Lane {
                 return;
             }
             // Ids can be offered a little out of order: everything below
-            // this one is held, or will be when it is offered.
-            None if state.held.len() >= self.capacity => {
+            // this one is held, or will be when it is offered. A late one
+            // below those held is held too, a few over the capacity.
+            None if state.held.len() >= self.capacity
+                && state.held.last_key_value().is_none_or(|(&top, _)| id > top) =>
+            {
                 state.on_disk_after = Some(id - 1);
                 return;
             }
@@ -772,6 +775,14 @@ mod tests {
         assert_eq!(held(&lane), [1, 2, 3, 4]);
         assert_eq!(lane.lock().on_disk_after, Some(4));
         assert_eq!(lane.lock().queued, 5);
+    }
+
+    #[test]
+    fn a_late_id_below_those_held_does_not_start_the_spill() {
+        let lane = lane(3);
+        offer_all(&lane, [1, 2, 4, 3, 5]);
+        assert_eq!(held(&lane), [1, 2, 3, 4]);
+        assert_eq!(lane.lock().on_disk_after, Some(4));
     }
 
     #[test]
