@@ -268,7 +268,7 @@ impl Dispatcher {
         let handle = runtime.handle().clone();
         let done = lanes_done.clone();
         std::thread::Builder::new()
-            .name("hookgate-deliver".into())
+            .name("hookgate-lanes".into())
             .spawn(move || runtime.block_on(done.cancelled()))?;
         Ok(Arc::new(Self {
             spool,

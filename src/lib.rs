@@ -164,6 +164,7 @@ pub async fn run(
     }
     gateways.push(gateway);
     let webhook_workers = server::Workers::start(
+        "hookgate-web",
         gateways
             .into_iter()
             .map(|gateway| {
@@ -181,6 +182,7 @@ pub async fn run(
     )
     .map_err(Error::Thread)?;
     let admin_workers = server::Workers::start(
+        "hookgate-admin",
         vec![admin::routes(Arc::new(AdminState {
             metrics,
             draining: draining.clone(),

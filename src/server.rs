@@ -223,10 +223,12 @@ fn render(reply: Reply) -> Response {
 pub struct Workers(Vec<Worker>);
 
 impl Workers {
-    /// Starts one thread per filter. A client must send a request's headers
-    /// within `header_read_timeout`; `grace` is how long each thread lets
-    /// open requests finish once the port closes.
+    /// Starts one thread per filter, named `{name}-{index}` (or `name`
+    /// alone for one). A client must send a request's headers within
+    /// `header_read_timeout`; `grace` is how long each thread lets open
+    /// requests finish once the port closes.
     pub fn start<F, R>(
+        name: &str,
         filters: Vec<F>,
         header_read_timeout: Duration,
         grace: Duration,
@@ -235,10 +237,18 @@ impl Workers {
         F: Filter<Extract = (R,), Error = WarpRejection> + Clone + Send + Sync + 'static,
         R: warp::Reply,
     {
+        let one = filters.len() == 1;
         filters
             .into_iter()
             .enumerate()
-            .map(|(index, filter)| Worker::start(index, filter, header_read_timeout, grace))
+            .map(|(index, filter)| {
+                let name = if one {
+                    name.to_owned()
+                } else {
+                    format!("{name}-{index}")
+                };
+                Worker::start(name, filter, header_read_timeout, grace)
+            })
             .collect::<std::io::Result<Vec<_>>>()
             .map(Self)
     }
@@ -306,7 +316,7 @@ struct Worker {
 
 impl Worker {
     fn start<F, R>(
-        index: usize,
+        name: String,
         filter: F,
         header_read_timeout: Duration,
         grace: Duration,
@@ -322,18 +332,16 @@ impl Worker {
         let (finished, done) = oneshot::channel();
         let open = Arc::new(AtomicUsize::new(0));
         let counter = open.clone();
-        std::thread::Builder::new()
-            .name(format!("hookgate-server-{index}"))
-            .spawn(move || {
-                runtime.block_on(Self::run(
-                    accepted,
-                    filter,
-                    counter,
-                    header_read_timeout,
-                    grace,
-                ));
-                let _ = finished.send(());
-            })?;
+        std::thread::Builder::new().name(name).spawn(move || {
+            runtime.block_on(Self::run(
+                accepted,
+                filter,
+                counter,
+                header_read_timeout,
+                grace,
+            ));
+            let _ = finished.send(());
+        })?;
         Ok(Self {
             connections,
             open,
