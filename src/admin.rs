@@ -137,69 +137,68 @@ pub fn routes(
                 ),
             }
         });
+    // The dead-letter calls also need the spool (durable mode).
+    let spooled = authorized.map(|authorized: Authorized| {
+        authorized.and_then(|state| state.dispatcher.clone().ok_or_else(|| Box::new(no_spool())))
+    });
     let dead_letters = warp::path!("admin" / "dead-letters");
     let list = dead_letters
         .and(warp::get())
-        .and(authorized.clone())
+        .and(spooled.clone())
         .and(warp::query::<ListQuery>())
-        .map(|authorized: Authorized, q: ListQuery| {
-            let state = match authorized {
-                Ok(state) => state,
+        .map(|spooled: Spooled, q: ListQuery| {
+            let d = match spooled {
+                Ok(d) => d,
                 Err(refused) => return *refused,
             };
-            with_spool(&state, |d| {
-                let filter = DeadFilter {
-                    destination: q.destination,
-                    job_id: q.job_id,
-                };
-                let limit = q.limit.unwrap_or(100).clamp(1, 1000);
-                match d.spool().dead_letters(&filter, q.after, limit) {
-                    Ok(page) => {
-                        let next_after = page
-                            .last()
-                            .filter(|_| page.len() == limit)
-                            .map(|(id, _)| *id);
-                        let items: Vec<serde_json::Value> = page
-                            .into_iter()
-                            .map(|(id, r)| {
-                                json!({
-                                    "id": id,
-                                    "job_id": r.job_id,
-                                    "destination": r.destination,
-                                    "rule": r.rule,
-                                    "url": r.url,
-                                    "attempts": r.attempts,
-                                    "reason": r.dead_reason,
-                                    "last_error": r.last_error,
-                                    "accepted_at_ms": r.first_ms,
-                                    "last_attempt_at_ms": r.last_attempt_ms,
-                                    "dead_at_ms": r.dead_ms,
-                                })
+            let filter = DeadFilter {
+                destination: q.destination,
+                job_id: q.job_id,
+            };
+            let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+            match d.spool().dead_letters(&filter, q.after, limit) {
+                Ok(page) => {
+                    let next_after = page
+                        .last()
+                        .filter(|_| page.len() == limit)
+                        .map(|(id, _)| *id);
+                    let items: Vec<serde_json::Value> = page
+                        .into_iter()
+                        .map(|(id, r)| {
+                            json!({
+                                "id": id,
+                                "job_id": r.job_id,
+                                "destination": r.destination,
+                                "rule": r.rule,
+                                "url": r.url,
+                                "attempts": r.attempts,
+                                "reason": r.dead_reason,
+                                "last_error": r.last_error,
+                                "accepted_at_ms": r.first_ms,
+                                "last_attempt_at_ms": r.last_attempt_ms,
+                                "dead_at_ms": r.dead_ms,
                             })
-                            .collect();
-                        json_reply(
-                            StatusCode::OK,
-                            &json!({ "dead_letters": items, "next_after": next_after }),
-                        )
-                    }
-                    Err(e) => json_reply(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        &json!({ "error": e.to_string() }),
-                    ),
+                        })
+                        .collect();
+                    json_reply(
+                        StatusCode::OK,
+                        &json!({ "dead_letters": items, "next_after": next_after }),
+                    )
                 }
-            })
+                Err(e) => json_reply(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    &json!({ "error": e.to_string() }),
+                ),
+            }
         });
     let replay = warp::path!("admin" / "dead-letters" / "replay")
         .and(warp::post())
-        .and(authorized.clone())
+        .and(spooled.clone())
         .and(warp::query::<FilterQuery>())
-        .then(|authorized: Authorized, q: FilterQuery| async move {
-            let state = match authorized {
-                Ok(state) => state,
+        .then(|spooled: Spooled, q: FilterQuery| async move {
+            let d = match spooled {
+                Ok(d) => d,
                 Err(refused) => return *refused,
-            };
-            let Some(d) = state.dispatcher.clone() else {
-                return no_spool();
             };
             match d.replay(q.filter()).await {
                 Ok(report) => json_reply(StatusCode::OK, &json!(report)),
@@ -211,15 +210,12 @@ pub fn routes(
         });
     let purge = dead_letters
         .and(warp::delete())
-        .and(authorized)
+        .and(spooled)
         .and(warp::query::<FilterQuery>())
-        .then(|authorized: Authorized, q: FilterQuery| async move {
-            let state = match authorized {
-                Ok(state) => state,
+        .then(|spooled: Spooled, q: FilterQuery| async move {
+            let d = match spooled {
+                Ok(d) => d,
                 Err(refused) => return *refused,
-            };
-            let Some(d) = state.dispatcher.clone() else {
-                return no_spool();
             };
             if !q.all && q.destination.is_none() && q.job_id.is_none() {
                 return json_reply(
@@ -249,6 +245,9 @@ pub fn routes(
 
 /// The admin state for a request with a valid token, else the refusal.
 type Authorized = Result<Arc<AdminState>, Box<Response>>;
+
+/// As [`Authorized`], for a call that also needs the spool.
+type Spooled = Result<Arc<Dispatcher>, Box<Response>>;
 
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -282,13 +281,6 @@ fn no_spool() -> Response {
         StatusCode::CONFLICT,
         &json!({ "error": "delivery.mode is \"direct\": there is no spool and no dead letters" }),
     )
-}
-
-fn with_spool(state: &AdminState, f: impl FnOnce(&Dispatcher) -> Response) -> Response {
-    match &state.dispatcher {
-        Some(d) => f(d),
-        None => no_spool(),
-    }
 }
 
 #[cfg(test)]

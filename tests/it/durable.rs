@@ -507,3 +507,28 @@ async fn a_long_queue_waits_on_disk_and_is_delivered_whole() {
     assert_eq!(down.received().len(), N, "no job delivered twice");
     gw.stop().await;
 }
+
+/// Direct mode has no spool: the dead-letter calls check the token first,
+/// then answer 409 rather than pretend there is nothing.
+#[tokio::test]
+async fn dead_letter_calls_in_direct_mode() {
+    let down = Downstream::start([]).await;
+    let gw = GatewayBuilder::forward_all_to(&down.url("/"))
+        .config("[delivery]\nmode = \"direct\"")
+        .admin_token(TOKEN)
+        .start()
+        .await;
+    let calls = [
+        (Method::GET, "/admin/dead-letters"),
+        (Method::POST, "/admin/dead-letters/replay?all=true"),
+        (Method::DELETE, "/admin/dead-letters?all=true"),
+    ];
+    for (method, path) in calls {
+        let (status, _) = gw.admin(method.clone(), path, "guess").await;
+        assert_eq!(status, 401, "{method} {path} without the token");
+        let (status, body) = gw.admin(method.clone(), path, TOKEN).await;
+        assert_eq!(status, 409, "{method} {path}");
+        assert!(body["error"].as_str().unwrap().contains("direct"), "{body}");
+    }
+    gw.stop().await;
+}
