@@ -149,10 +149,6 @@ pub async fn run(
         "hookgate listening"
     );
 
-    let (header_read_timeout, max_connections) = (
-        config.server.header_read_timeout,
-        config.server.max_connections,
-    );
     let stop = CancellationToken::new();
     let grace = config.shutdown.grace;
     // Once the webhooks in flight are done, open connections only need a
@@ -177,7 +173,7 @@ pub async fn run(
                 )
             })
             .collect(),
-        header_read_timeout,
+        config.server.header_read_timeout,
         close_grace,
     )
     .map_err(Error::Thread)?;
@@ -190,20 +186,20 @@ pub async fn run(
             dispatcher: dispatcher.clone(),
             token: admin_token,
         }))],
-        header_read_timeout,
+        config.server.header_read_timeout,
         close_grace,
     )
     .map_err(Error::Thread)?;
     let webhook_server = tokio::spawn(server::serve(
         webhook_listener,
         webhook_workers,
-        max_connections,
+        config.server.max_connections,
         stop.clone(),
     ));
     let admin_server = tokio::spawn(server::serve(
         admin_listener,
         admin_workers,
-        max_connections,
+        config.server.max_connections,
         stop.clone(),
     ));
 
