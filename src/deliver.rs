@@ -1,8 +1,8 @@
 //! Sending a job to a destination: one HTTP attempt, classified, and the
 //! retry loop around it.
 //!
-//! The client is hyper's, with a pool of keep-alive connections per
-//! destination. Redirects are never followed (a downstream must not be
+//! The client ([`crate::client`]) keeps a pool of keep-alive connections
+//! per destination. Redirects are never followed (a downstream must not be
 //! able to point hookgate elsewhere), and a response body is read only as
 //! far as needed to reuse the connection, never buffered whole.
 
@@ -11,17 +11,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use http::header::{CONTENT_TYPE, RETRY_AFTER, USER_AGENT};
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Uri};
-use http_body_util::{BodyExt, Full};
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use http::header::{CONTENT_TYPE, USER_AGENT};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use crate::backoff::{self, Backoff};
+use crate::client::{Client, ClientError, Response};
 use crate::config::DeliveryConfig;
 use crate::metrics::Metrics;
 use crate::rules::{Destination, DestinationName, Route};
@@ -122,7 +118,7 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    fn from_status(status: StatusCode, headers: &HeaderMap) -> Self {
+    fn from_status(status: StatusCode, retry_after: Option<&HeaderValue>) -> Self {
         if status.is_success() {
             return Self::Delivered(status);
         }
@@ -132,9 +128,7 @@ impl Outcome {
         if retryable {
             Self::Failed {
                 status,
-                retry_after: headers
-                    .get(RETRY_AFTER)
-                    .and_then(|v| backoff::retry_after(v, SystemTime::now())),
+                retry_after: retry_after.and_then(|v| backoff::retry_after(v, SystemTime::now())),
             }
         } else {
             Self::Refused(status)
@@ -177,26 +171,18 @@ impl std::fmt::Display for Outcome {
     }
 }
 
-/// The HTTP client for destinations and `hookgate send`: plain HTTP or
-/// TLS (rustls, the platform's trust store), HTTP/1.1 keep-alive.
-pub type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
-
 pub struct Forwarder {
-    client: HttpClient,
+    client: Client,
     defaults: Policy,
     backoff: Backoff,
     metrics: Arc<Metrics>,
     limits: Arc<Mutex<HashMap<DestinationName, Arc<Semaphore>>>>,
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("cannot set up TLS for the HTTP client: {0}")]
-pub struct ClientError(#[from] rustls::Error);
-
 impl Forwarder {
     pub fn new(config: &DeliveryConfig, metrics: Arc<Metrics>) -> Result<Self, ClientError> {
         Ok(Self {
-            client: http_client(config.timeout)?,
+            client: Client::new(config.timeout)?,
             defaults: Policy {
                 timeout: config.timeout,
                 max_attempts: config.max_attempts,
@@ -215,14 +201,14 @@ impl Forwarder {
     /// destinations' concurrency limits: one per server worker thread, so
     /// that a pooled connection is only ever driven by the thread that
     /// uses it.
-    pub fn fork(&self) -> Result<Self, ClientError> {
-        Ok(Self {
-            client: http_client(self.defaults.timeout)?,
+    pub fn fork(&self) -> Self {
+        Self {
+            client: self.client.fork(),
             defaults: self.defaults,
             backoff: self.backoff,
             metrics: self.metrics.clone(),
             limits: self.limits.clone(),
-        })
+        }
     }
 
     /// The destination's limits; the defaults for one that is no longer
@@ -253,14 +239,20 @@ impl Forwarder {
     /// One HTTP attempt, counted and timed.
     pub async fn attempt(&self, delivery: &Delivery, timeout: Duration) -> Outcome {
         let started = Instant::now();
-        let mut request = Request::new(Full::new(delivery.body.clone()));
-        *request.method_mut() = Method::POST;
-        *request.uri_mut() = delivery.url.clone();
-        *request.headers_mut() = delivery.headers.clone();
-        let outcome = match tokio::time::timeout(timeout, send(&self.client, request)).await {
-            Ok(Ok(outcome)) => outcome,
-            Ok(Err(e)) if timed_out(&e) => Outcome::Timeout,
-            Ok(Err(e)) => Outcome::Connect(error_chain(&e)),
+        let sent = self.client.post(
+            &delivery.url,
+            &delivery.headers,
+            &delivery.body,
+            DRAIN_LIMIT,
+        );
+        let outcome = match tokio::time::timeout(timeout, sent).await {
+            Ok(Ok(Response {
+                status,
+                retry_after,
+                ..
+            })) => Outcome::from_status(status, retry_after.as_ref()),
+            Ok(Err(e)) if e.is_timeout() => Outcome::Timeout,
+            Ok(Err(e)) => Outcome::Connect(e.to_string()),
             Err(_) => Outcome::Timeout,
         };
         let name = delivery.destination.as_str();
@@ -318,81 +310,14 @@ impl Forwarder {
     }
 }
 
-/// Builds the client. rustls is built with ring only (small, quick to
-/// build), installed here as the process's provider before any TLS
-/// configuration is made.
-pub fn http_client(connect_timeout: Duration) -> Result<HttpClient, ClientError> {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(connect_timeout));
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .try_with_platform_verifier()?
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(http);
-    Ok(Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(60))
-        .pool_timer(TokioTimer::new())
-        .build(https))
-}
-
-async fn send(
-    client: &HttpClient,
-    request: Request<Full<Bytes>>,
-) -> Result<Outcome, hyper_util::client::legacy::Error> {
-    let response = client.request(request).await?;
-    let outcome = Outcome::from_status(response.status(), response.headers());
-    let mut body = response.into_body();
-    let mut read = 0;
-    while read <= DRAIN_LIMIT {
-        match body.frame().await {
-            Some(Ok(frame)) => read += frame.data_ref().map_or(0, Bytes::len),
-            // The status is what counts; a body cut short only costs the
-            // connection its place in the pool.
-            Some(Err(_)) | None => break,
-        }
-    }
-    Ok(outcome)
-}
-
-/// A connect timeout surfaces as an I/O error somewhere down the chain.
-fn timed_out(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut source = Some(e);
-    while let Some(cause) = source {
-        if cause
-            .downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
-        {
-            return true;
-        }
-        source = cause.source();
-    }
-    false
-}
-
-/// The client's top-level message is generic ("client error (Connect)");
-/// the cause is what an operator needs (refused, reset, no such host).
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn classification() {
-        let retry = HeaderMap::from_iter([(RETRY_AFTER, HeaderValue::from_static("2"))]);
-        let none = HeaderMap::new();
+        let retry = Some(HeaderValue::from_static("2"));
+        let none: Option<HeaderValue> = None;
         let cases = [
             (200, &none, "success", false),
             (204, &none, "success", false),
@@ -405,10 +330,10 @@ mod tests {
             (503, &retry, "http_5xx", true),
         ];
         for (code, headers, label, retryable) in cases {
-            let o = Outcome::from_status(StatusCode::from_u16(code).unwrap(), headers);
+            let o = Outcome::from_status(StatusCode::from_u16(code).unwrap(), headers.as_ref());
             assert_eq!((o.label(), o.is_retryable()), (label, retryable), "{code}");
         }
-        let o = Outcome::from_status(StatusCode::SERVICE_UNAVAILABLE, &retry);
+        let o = Outcome::from_status(StatusCode::SERVICE_UNAVAILABLE, retry.as_ref());
         assert_eq!(o.retry_after(), Some(Duration::from_secs(2)));
     }
 }

@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::deliver::{ClientError, Delivery, Forwarder, Outcome};
+use crate::deliver::{Delivery, Forwarder, Outcome};
 use crate::dispatch::{Dispatcher, records_for};
 use crate::job::{Job, JobError};
 use crate::metrics::Metrics;
@@ -135,24 +135,24 @@ impl Gateway {
 
     /// A gateway for one more server worker thread: the same secrets,
     /// rules, spool and metrics; in direct mode a connection pool of its own.
-    pub fn fork(&self) -> Result<Self, ClientError> {
+    pub fn fork(&self) -> Self {
         let dispatch = match &self.dispatch {
             Dispatch::Direct {
                 forwarder,
                 deadline,
             } => Dispatch::Direct {
-                forwarder: Box::new(forwarder.fork()?),
+                forwarder: Box::new(forwarder.fork()),
                 deadline: *deadline,
             },
             Dispatch::Durable(dispatcher) => Dispatch::Durable(dispatcher.clone()),
         };
-        Ok(Self {
+        Self {
             verifier: self.verifier.clone(),
             rules: self.rules.clone(),
             dispatch,
             metrics: self.metrics.clone(),
             draining: self.draining.clone(),
-        })
+        }
     }
 
     pub fn metrics(&self) -> &Metrics {

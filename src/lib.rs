@@ -14,7 +14,7 @@
 //! - [`rules`]: pure routing, a job and its query in, a
 //!   [`rules::Decision`] out; also reads and checks `rules.toml`.
 //! - [`deliver`]: HTTP attempts to destinations, classified and retried
-//!   with [`backoff`].
+//!   with [`backoff`], made by the lean HTTP/1.1 [`client`].
 //! - [`spool`]: the crash-safe on-disk queue (redb, group commit);
 //!   [`dispatch`]: the per-destination workers that drain it, deciding
 //!   with [`schedule`] when to retry and when to give up.
@@ -31,6 +31,7 @@
 
 pub mod admin;
 pub mod backoff;
+pub mod client;
 pub mod config;
 pub mod deliver;
 pub mod dispatch;
@@ -52,8 +53,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::AdminState;
+use crate::client::ClientError;
 use crate::config::{Config, ConfigError, Mode};
-use crate::deliver::{ClientError, Forwarder};
+use crate::deliver::Forwarder;
 use crate::dispatch::Dispatcher;
 use crate::gateway::Dispatch;
 use crate::gateway::Gateway;
@@ -156,7 +158,7 @@ pub async fn run(
     let close_grace = std::time::Duration::from_secs(1);
     let mut gateways = Vec::new();
     for _ in 1..config.server.workers() {
-        gateways.push(gateway.fork()?);
+        gateways.push(gateway.fork());
     }
     gateways.push(gateway);
     let webhook_workers = server::Workers::start(

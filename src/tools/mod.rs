@@ -11,13 +11,13 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
 use warp::Filter;
 
 mod route;
 
 pub use route::{route, test};
 
+use crate::client::Client;
 use crate::config::Config;
 use crate::rules::RuleSet;
 use crate::verify::{self, Secret, Verifier};
@@ -102,30 +102,28 @@ pub async fn send(url: &str, secret_env: Option<&str>, payload: &Path) -> anyhow
     let body =
         std::fs::read(payload).with_context(|| format!("cannot read {}", payload.display()))?;
     let uri = http::Uri::try_from(url).with_context(|| format!("{url:?} is not a URL"))?;
-    let mut request = http::Request::post(uri)
-        .header(http::header::CONTENT_TYPE, "application/json")
-        .header(
-            http::header::USER_AGENT,
-            concat!("hookgate/", env!("CARGO_PKG_VERSION")),
-        );
+    let mut headers = http::HeaderMap::new();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    headers.insert(
+        http::header::USER_AGENT,
+        http::HeaderValue::from_static(concat!("hookgate/", env!("CARGO_PKG_VERSION"))),
+    );
     if let Some(var) = secret_env {
-        request = request.header(
-            "X-Hub-Signature-256",
-            verify::sign(&secret_from_env(var)?, &body),
-        );
+        let signature = verify::sign(&secret_from_env(var)?, &body);
+        headers.insert(crate::deliver::HEADER_SIGNATURE, signature.parse()?);
     }
-    let client = crate::deliver::http_client(Duration::from_secs(10))?;
-    let response = client
-        .request(request.body(Full::new(Bytes::from(body)))?)
-        .await
-        .with_context(|| format!("cannot POST to {url}"))?;
-    let status = response.status();
+    let client = Client::new(Duration::from_secs(10))?;
     // An answer is a status and a short message; more is not printed.
-    let text = Limited::new(response.into_body(), 64 * 1024)
-        .collect()
+    let sent = client.post(&uri, &headers, &body, 64 * 1024);
+    let response = tokio::time::timeout(Duration::from_secs(30), sent)
         .await
-        .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
-        .unwrap_or_default();
+        .with_context(|| format!("no answer from {url} within 30 s"))?
+        .with_context(|| format!("cannot POST to {url}"))?;
+    let status = response.status;
+    let text = String::from_utf8_lossy(&response.body);
     println!("{status}");
     if !text.is_empty() {
         println!("{text}");

@@ -2,6 +2,7 @@
 //! downstream HTTP servers, observed through its answers and `/metrics`.
 
 mod cli;
+mod destinations;
 mod durable;
 mod hardening;
 mod ingress;

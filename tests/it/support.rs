@@ -52,6 +52,12 @@ pub enum Answer {
     Drip,
     /// Announce and stream a 100 MB body.
     Huge,
+    /// Write these bytes as the response, keep the connection.
+    Raw(&'static str),
+    /// Write these bytes as the response, then close the connection.
+    RawThenClose(&'static str),
+    /// Read the request, then close the connection without an answer.
+    Drop,
 }
 
 #[derive(Debug, Clone)]
@@ -211,6 +217,12 @@ async fn serve_conn(
                 tokio::time::sleep(after).await;
                 format!("HTTP/1.1 {code} X\r\ncontent-length: 2\r\n\r\nok")
             }
+            Answer::Raw(bytes) => bytes.to_owned(),
+            Answer::RawThenClose(bytes) => {
+                let _ = stream.write_all(bytes.as_bytes()).await;
+                return;
+            }
+            Answer::Drop => return,
             Answer::Reset => {
                 // SO_LINGER 0: closing sends a reset, not a FIN. Deprecated
                 // because the close blocks; with a zero timeout it does not.
