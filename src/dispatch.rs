@@ -427,7 +427,7 @@ impl Dispatcher {
                     .deliveries
                     .with_label_values(&[lane.name.as_str(), "delivered"])
                     .inc();
-                if let Err(e) = self.spool.complete(id) {
+                if let Err(e) = self.spool.complete(id, record.job) {
                     tracing::error!(id, "cannot record a delivery: {e}");
                 }
             }

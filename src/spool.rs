@@ -241,8 +241,11 @@ enum Op {
         record: Box<Record>,
         reply: oneshot::Sender<Result<(), SpoolError>>,
     },
+    /// `job` is the record's, known to the caller: the record need not
+    /// be read back and decoded to release it.
     Complete {
         id: u64,
+        job: u64,
     },
     Bury {
         id: u64,
@@ -480,9 +483,10 @@ impl Spool {
         answer.await.map_err(|_| SpoolError::Closed)?
     }
 
-    /// The delivery succeeded: forget it (and the job once unused).
-    pub fn complete(&self, id: u64) -> Result<(), SpoolError> {
-        self.send(Op::Complete { id })
+    /// Delivery `id` of job `job` succeeded: forget it (and the job once
+    /// unused).
+    pub fn complete(&self, id: u64, job: u64) -> Result<(), SpoolError> {
+        self.send(Op::Complete { id, job })
     }
 
     /// The delivery gave up: keep it as a dead letter.
@@ -757,14 +761,11 @@ impl Writer {
                         }
                         replies.push(reply(tx, Ok(())));
                     }
-                    Op::Complete { id } => {
-                        let removed = t.deliveries.remove(id)?.map(|raw| {
-                            let value = raw.value();
-                            (value.len(), serde_json::from_slice::<Record>(value))
-                        });
-                        if let Some((size, record)) = removed {
+                    Op::Complete { id, job } => {
+                        let removed = t.deliveries.remove(id)?.map(|raw| raw.value().len());
+                        if let Some(size) = removed {
                             self.sub(size);
-                            self.release(&mut t, record?.job)?;
+                            self.release(&mut t, job)?;
                         }
                     }
                     Op::Bury { id, record } => {

@@ -1,7 +1,7 @@
 //! Property tests: signatures, the rules engine on arbitrary JSON, and the
 //! spool against a model through accept / deliver / restart sequences.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::Duration;
 
@@ -172,7 +172,8 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
 
     /// Whatever the sequence, after every restart the spool holds exactly
-    /// the deliveries accepted and not yet delivered.
+    /// the deliveries accepted and not yet delivered, and the jobs that
+    /// these still use.
     #[test]
     fn the_spool_never_loses_an_accepted_delivery(ops in ops()) {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
@@ -180,6 +181,14 @@ proptest! {
         let open = || Spool::open(dir.path(), 1 << 30, Duration::from_secs(3600)).unwrap();
         let (mut spool, _) = open();
         let mut model: BTreeSet<u64> = BTreeSet::new();
+        // Delivery id -> its job's sequence number; every job ever stored.
+        let mut job_of: BTreeMap<u64, u64> = BTreeMap::new();
+        let mut jobs: BTreeSet<u64> = BTreeSet::new();
+        let jobs_kept = |spool: &Spool, job_of: &BTreeMap<u64, u64>, jobs: &BTreeSet<u64>| {
+            jobs.iter().all(|seq| {
+                spool.job(*seq).unwrap().is_some() == job_of.values().any(|s| s == seq)
+            })
+        };
         for (n, op) in ops.into_iter().enumerate() {
             match op {
                 Op::Accept(destinations) => {
@@ -194,15 +203,24 @@ proptest! {
                         records: (0..destinations as usize).map(record).collect(),
                     };
                     match runtime.block_on(spool.accept(job)).unwrap() {
-                        Accepted::New { pending, .. } => model.extend(pending.iter().map(|(id, _)| *id)),
+                        Accepted::New { pending, .. } => {
+                            for (id, record) in &pending {
+                                model.insert(*id);
+                                job_of.insert(*id, record.job);
+                                jobs.insert(record.job);
+                            }
+                        }
                         Accepted::Duplicate => prop_assert!(false, "job ids are distinct"),
                     }
                 }
                 Op::Deliver(k) => {
                     if let Some(&id) = model.iter().nth(k % model.len().max(1)) {
-                        prop_assert!(spool.load(id).unwrap().is_some(), "pending {id} is loadable");
-                        spool.complete(id).unwrap();
+                        let loaded = spool.load(id).unwrap();
+                        prop_assert!(loaded.is_some(), "pending {id} is loadable");
+                        let (record, _) = loaded.unwrap();
+                        spool.complete(id, record.job).unwrap();
                         model.remove(&id);
+                        job_of.remove(&id);
                     }
                 }
                 Op::Restart => {
@@ -213,13 +231,15 @@ proptest! {
                     spool = reopened;
                     let found: BTreeSet<u64> = recovered.pending.iter().map(|(id, _)| *id).collect();
                     prop_assert_eq!(&found, &model);
+                    prop_assert!(jobs_kept(&spool, &job_of, &jobs), "jobs match deliveries");
                 }
             }
         }
         spool.close();
         drop(spool);
-        let (_, recovered) = open();
+        let (spool, recovered) = open();
         let found: BTreeSet<u64> = recovered.pending.iter().map(|(id, _)| *id).collect();
         prop_assert_eq!(found, model);
+        prop_assert!(jobs_kept(&spool, &job_of, &jobs), "jobs match deliveries");
     }
 }
