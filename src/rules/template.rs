@@ -90,6 +90,12 @@ impl UrlTemplate {
                 "{source:?} must be an http:// or https:// URL with a host"
             ));
         }
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(format!(
+                "{source:?} carries credentials, which are never sent from a URL; \
+                 put them in the destination's `headers` (Authorization) instead"
+            ));
+        }
         let uri = normalized(&url).map_err(|e| format!("{source:?} is not a valid URL: {e}"))?;
         let templated = parts.iter().any(|p| matches!(p, Part::Query(_)));
         Ok(Self {
@@ -195,6 +201,8 @@ mod tests {
             ("http://x/{query.a", false),
             ("http://x/}", false),
             ("{query.scheme}://x/", false),
+            ("http://user:secret@x/", false),
+            ("http://user@x/", false),
         ];
         for (source, ok) in cases {
             assert_eq!(UrlTemplate::parse(source).is_ok(), *ok, "{source}");
