@@ -115,6 +115,11 @@ pub async fn run(
         );
     }
 
+    listeners.webhook.set_nonblocking(true)?;
+    listeners.admin.set_nonblocking(true)?;
+    let webhook_listener = tokio::net::TcpListener::from_std(listeners.webhook)?;
+    let admin_listener = tokio::net::TcpListener::from_std(listeners.admin)?;
+
     let draining = CancellationToken::new();
     let in_flight = TaskTracker::new();
     let forwarder = Forwarder::new(&config.delivery, metrics.clone())?;
@@ -139,10 +144,6 @@ pub async fn run(
         draining.clone(),
     );
 
-    listeners.webhook.set_nonblocking(true)?;
-    listeners.admin.set_nonblocking(true)?;
-    let webhook_listener = tokio::net::TcpListener::from_std(listeners.webhook)?;
-    let admin_listener = tokio::net::TcpListener::from_std(listeners.admin)?;
     tracing::info!(
         webhook = %webhook_listener.local_addr()?,
         admin = %admin_listener.local_addr()?,
@@ -177,8 +178,11 @@ pub async fn run(
             .collect(),
         config.server.header_read_timeout,
         close_grace,
-    )
-    .map_err(Error::Thread)?;
+    );
+    let webhook_workers = match webhook_workers {
+        Ok(workers) => workers,
+        Err(e) => return Err(abandon(dispatcher, e).await),
+    };
     let admin_workers = server::Workers::start(
         "hookgate-admin",
         vec![admin::routes(Arc::new(AdminState {
@@ -190,8 +194,11 @@ pub async fn run(
         }))],
         config.server.header_read_timeout,
         close_grace,
-    )
-    .map_err(Error::Thread)?;
+    );
+    let admin_workers = match admin_workers {
+        Ok(workers) => workers,
+        Err(e) => return Err(abandon(dispatcher, e).await),
+    };
     let webhook_server = tokio::spawn(server::serve(
         webhook_listener,
         webhook_workers,
@@ -231,6 +238,15 @@ pub async fn run(
     let _ = tokio::join!(webhook_server, admin_server);
     tracing::info!("stopped");
     Ok(())
+}
+
+/// A server thread could not start after the spool was opened: the
+/// delivery thread is stopped and the spool closed before giving up.
+async fn abandon(dispatcher: Option<Arc<Dispatcher>>, e: std::io::Error) -> Error {
+    if let Some(dispatcher) = dispatcher {
+        dispatcher.shutdown(std::time::Duration::ZERO).await;
+    }
+    Error::Thread(e)
 }
 
 /// Opens the spool and resumes what it holds.
