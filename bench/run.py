@@ -318,6 +318,13 @@ def summarize(runs: list[dict]) -> dict:
             "rps": med("rps"), "rps_min": min(r["rps"] for r in rs), "rps_max": max(r["rps"] for r in rs),
             "p50_ms": med("p50_ms"), "p99_ms": med("p99_ms"), "p999_ms": med("p999_ms"),
             "cpu_ms_per_1k": med("server_cpu_ms_per_1k"), "sink_cpu_ms_per_1k": med("sink_cpu_ms_per_1k"),
+            # The least disturbed run of each: a shared machine only ever
+            # makes a run slower, never faster.
+            "best": {
+                "rps": max(r["rps"] for r in rs),
+                "p99_ms": min(r["p99_ms"] for r in rs),
+                "cpu_ms_per_1k": min(r["server_cpu_ms_per_1k"] for r in rs),
+            },
             "peak_rss_mib": max(r["peak_rss_mib"] for r in rs),
             "errors": sum(r["errors"] for r in rs),
             "noisy_runs": sum(r["noisy"] for r in rs),
@@ -353,14 +360,19 @@ def report(summary: dict, args) -> str:
     lines.append("")
     direct, durable = summary.get("hookgate direct"), summary.get("hookgate durable")
     if direct and durable and nginx_best:
-        lines.append("targets:")
-        lines.append(f"  direct  >= 1.0x nginx req/s:     {direct['rps'] / nginx_best['rps']:.2f}x")
-        lines.append(f"  direct  p99 <= nginx p99:         {direct['p99_ms']:.2f} ms vs {nginx_best['p99_ms']:.2f} ms")
-        lines.append(f"  direct  CPU/webhook <= nginx:     {direct['cpu_ms_per_1k']:.1f} vs {nginx_best['cpu_ms_per_1k']:.1f} ms per 1k")
-        lines.append(f"  durable >= 0.5x nginx req/s:     {durable['rps'] / nginx_best['rps']:.2f}x")
+        nginx_top = max(nginx, key=lambda s: s["best"]["rps"])
+        python_top = max(python, key=lambda s: s["best"]["rps"]) if python else None
+        d, n = direct["best"], nginx_top["best"]
+        lines.append(f"{'targets:':<35}{'medians':<25}best runs")
+        lines.append(f"  direct  >= 1.0x nginx req/s:     {direct['rps'] / nginx_best['rps']:<24.2f} {d['rps'] / n['rps']:.2f}")
+        lines.append(f"  direct  p99 <= nginx p99 (ms):   {direct['p99_ms']:.2f} vs {nginx_best['p99_ms']:<16.2f} {d['p99_ms']:.2f} vs {n['p99_ms']:.2f}")
+        lines.append(f"  direct  CPU/webhook <= nginx:    {direct['cpu_ms_per_1k']:.1f} vs {nginx_best['cpu_ms_per_1k']:<16.1f} {d['cpu_ms_per_1k']:.1f} vs {n['cpu_ms_per_1k']:.1f} ms per 1k")
+        lines.append(f"  durable >= 0.5x nginx req/s:     {durable['rps'] / nginx_best['rps']:<24.2f} {durable['best']['rps'] / n['rps']:.2f}")
         if python_best:
-            lines.append(f"  direct  >= 20x best Python:       {direct['rps'] / python_best['rps']:.1f}x")
-        lines.append(f"  idle RSS < 15 MB:                 see 'idle RSS' below")
+            lines.append(f"  direct  >= 20x best Python:      {direct['rps'] / python_best['rps']:<24.1f} {d['rps'] / python_top['best']['rps']:.1f}")
+        lines.append("  idle RSS < 15 MB:                see 'idle RSS' below")
+        lines.append("best runs: each scenario's fastest run, lowest p99 and lowest CPU, against the nginx with the")
+        lines.append("fastest run: a shared machine only ever makes a run slower, so these are the least disturbed.")
     return "\n".join(lines)
 
 
