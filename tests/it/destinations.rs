@@ -36,6 +36,11 @@ async fn every_response_framing_is_read_and_the_connection_reused_when_safe() {
         Answer::Raw("HTTP/1.1 202 Accepted\r\ncontent-length: 5\r\n\r\nqueue"),
         // The first connection ends here, as announced.
         Answer::Raw("HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok"),
+        // Interim answer, chunks and trailer, arriving a byte at a time.
+        Answer::Trickle(
+            "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n\
+             2;ext=1\r\nok\r\n0\r\nx-trailer: 1\r\n\r\n",
+        ),
         // A body delimited by the close: the second connection ends.
         Answer::RawThenClose("HTTP/1.1 200 OK\r\n\r\nuntil the end"),
         Answer::Status(200),

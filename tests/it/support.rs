@@ -58,6 +58,9 @@ pub enum Answer {
     RawThenClose(&'static str),
     /// Read the request, then close the connection without an answer.
     Drop,
+    /// Write these bytes as the response a byte at a time, a millisecond
+    /// apart: every parser state sees a partial read.
+    Trickle(&'static str),
 }
 
 #[derive(Debug, Clone)]
@@ -223,6 +226,16 @@ async fn serve_conn(
                 return;
             }
             Answer::Drop => return,
+            Answer::Trickle(bytes) => {
+                let _ = stream.set_nodelay(true);
+                for b in bytes.as_bytes() {
+                    if stream.write_all(&[*b]).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                continue;
+            }
             Answer::Reset => {
                 // SO_LINGER 0: closing sends a reset, not a FIN. Deprecated
                 // because the close blocks; with a zero timeout it does not.
