@@ -18,6 +18,7 @@
 
 use std::collections::HashMap;
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -228,17 +229,15 @@ impl Client {
             .host()
             .trim_start_matches('[')
             .trim_end_matches(']');
-        let connecting = TcpStream::connect((host, port));
-        let tcp = match tokio::time::timeout(self.connect_timeout, connecting).await {
-            Ok(Ok(tcp)) => tcp,
-            Ok(Err(source)) => {
-                return Err(ClientError::Connect {
+        let tcp = dial(host, port, self.connect_timeout)
+            .await
+            .map_err(|e| match e {
+                None => ClientError::ConnectTimeout(authority.clone()),
+                Some(source) => ClientError::Connect {
                     authority: authority.clone(),
                     source,
-                });
-            }
-            Err(_) => return Err(ClientError::ConnectTimeout(authority.clone())),
-        };
+                },
+            })?;
         tcp.set_nodelay(true)?;
         let io = if origin.tls {
             let name = ServerName::try_from(host.to_owned()).map_err(|_| ClientError::Connect {
@@ -272,6 +271,36 @@ impl Pool {
             swept: Instant::now(),
         })
     }
+}
+
+/// Connects to the first of `host`'s addresses that answers within
+/// `timeout`. Each address gets an equal share of the time left, so that
+/// one that drops packets (an unreachable IPv6 route, say) leaves time for
+/// the next. The error is the last address's; `None` if it timed out.
+async fn dial(host: &str, port: u16, timeout: Duration) -> Result<TcpStream, Option<io::Error>> {
+    let deadline = Instant::now() + timeout;
+    let addrs: Vec<SocketAddr> =
+        match tokio::time::timeout_at(deadline, tokio::net::lookup_host((host, port))).await {
+            Ok(addrs) => addrs.map_err(Some)?.collect(),
+            Err(_) => return Err(None),
+        };
+    dial_any(&addrs, deadline).await
+}
+
+async fn dial_any(addrs: &[SocketAddr], deadline: Instant) -> Result<TcpStream, Option<io::Error>> {
+    let mut last = Some(io::Error::new(
+        io::ErrorKind::NotFound,
+        "the name has no address",
+    ));
+    for (i, addr) in addrs.iter().enumerate() {
+        let share = deadline.saturating_duration_since(Instant::now()) / (addrs.len() - i) as u32;
+        match tokio::time::timeout(share, TcpStream::connect(addr)).await {
+            Ok(Ok(tcp)) => return Ok(tcp),
+            Ok(Err(e)) => last = Some(e),
+            Err(_) => last = None,
+        }
+    }
+    Err(last)
 }
 
 fn origin(url: &Uri) -> Result<Origin, ClientError> {
@@ -748,5 +777,34 @@ mod tests {
         let a = origin(&"https://Down:443/a".parse().unwrap()).unwrap();
         let b = origin(&"https://down:443/b".parse().unwrap()).unwrap();
         assert_eq!(a, b, "one pool per origin, whatever the path or case");
+    }
+
+    /// An address that drops the handshake does not use up the timeout:
+    /// the next one still gets its share.
+    #[tokio::test]
+    async fn a_silent_address_leaves_time_for_the_next() {
+        // A listener whose accept queue is full drops further handshakes.
+        let silent = tokio::net::TcpSocket::new_v4().unwrap();
+        silent.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let silent_addr = silent.local_addr().unwrap();
+        let _silent = silent.listen(1).unwrap();
+        let mut queued = Vec::new();
+        loop {
+            let attempt = TcpStream::connect(silent_addr);
+            match tokio::time::timeout(Duration::from_millis(200), attempt).await {
+                Ok(Ok(s)) => queued.push(s),
+                _ => break,
+            }
+            assert!(queued.len() < 64, "the accept queue never filled");
+        }
+        let good = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let good_addr = good.local_addr().unwrap();
+        let started = Instant::now();
+        let deadline = started + Duration::from_secs(2);
+        let tcp = dial_any(&[silent_addr, good_addr], deadline).await.unwrap();
+        assert_eq!(tcp.peer_addr().unwrap(), good_addr);
+        assert!(started.elapsed() < Duration::from_millis(1500));
+        let err = dial_any(&[silent_addr], Instant::now() + Duration::from_millis(300)).await;
+        assert!(matches!(err, Err(None)), "a silent address times out");
     }
 }
