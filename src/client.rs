@@ -422,7 +422,7 @@ fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, ClientError> {
             {
                 keep_alive = false;
             }
-        } else if h.name.eq_ignore_ascii_case("retry-after") {
+        } else if h.name.eq_ignore_ascii_case("retry-after") && retry_after.is_none() {
             retry_after = HeaderValue::from_bytes(h.value).ok();
         }
     }
@@ -735,7 +735,8 @@ mod tests {
 
     #[test]
     fn retry_after_is_kept() {
-        let raw = b"HTTP/1.1 503 Busy\r\nRetry-After: 7\r\ncontent-length: 0\r\n\r\n";
+        let raw =
+            b"HTTP/1.1 503 Busy\r\nRetry-After: 7\r\nretry-after: 9\r\ncontent-length: 0\r\n\r\n";
         let (head, _) = parse_head(raw).unwrap().unwrap();
         assert_eq!(head.status, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(head.retry_after, Some(HeaderValue::from_static("7")));
