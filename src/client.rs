@@ -4,9 +4,9 @@
 //! one response whose status (and `Retry-After`) is all that counts. This
 //! client does exactly that on the calling task: it writes the request
 //! with one syscall and reads the response on the same connection, with no
-//! connection task, channel or wake-up in between (these were a third of
-//! the CPU a delivery cost with a general-purpose client). Responses are
-//! parsed by `httparse`.
+//! connection task, channel or wake-up in between (with hyper-util's
+//! pooled client these were a third of a delivery's user-space CPU).
+//! Responses are parsed by `httparse`.
 //!
 //! Connections are kept alive in a pool per origin and reused newest
 //! first; idle ones are closed after a minute, swept lazily as the pool is
