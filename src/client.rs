@@ -17,7 +17,7 @@
 //! store.
 
 use std::collections::HashMap;
-use std::io;
+use std::io::{self, Write as _};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -35,6 +35,8 @@ use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
+/// Every request names its sender.
+const USER_AGENT: &str = concat!("hookgate/", env!("CARGO_PKG_VERSION"));
 /// A response head larger than this is refused.
 const MAX_HEAD: usize = 64 * 1024;
 const MAX_HEADERS: usize = 100;
@@ -157,7 +159,8 @@ impl Client {
         }
     }
 
-    /// POSTs `body` with `headers` (and `Host`, `Content-Length`) to `url`.
+    /// POSTs `body` with `headers` (and `Host`, `User-Agent`,
+    /// `Content-Length`) to `url`.
     /// Reads at most `keep` bytes of the response body; a longer body
     /// costs the connection its place in the pool. Not timed: the caller
     /// bounds the whole exchange.
@@ -173,7 +176,9 @@ impl Client {
         if let Some(mut conn) = self.checkout(&origin) {
             match conn.exchange(&request, keep).await {
                 Ok((response, reusable)) => {
-                    self.checkin(origin, conn, reusable);
+                    if reusable {
+                        self.checkin(origin, conn);
+                    }
                     return Ok(response);
                 }
                 // The destination closed it while it was idle: try again
@@ -184,7 +189,9 @@ impl Client {
         }
         let mut conn = self.connect(&origin).await?;
         let (response, reusable) = conn.exchange(&request, keep).await?;
-        self.checkin(origin, conn, reusable);
+        if reusable {
+            self.checkin(origin, conn);
+        }
         Ok(response)
     }
 
@@ -201,10 +208,7 @@ impl Client {
         None
     }
 
-    fn checkin(&self, origin: Origin, conn: Conn, reusable: bool) {
-        if !reusable {
-            return;
-        }
+    fn checkin(&self, origin: Origin, conn: Conn) {
         let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         if now.duration_since(pool.swept) >= SWEEP_EVERY {
@@ -327,9 +331,12 @@ fn encode(url: &Uri, authority: &Authority, headers: &HeaderMap, body: &[u8]) ->
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
     out.extend_from_slice(authority.as_str().as_bytes());
+    out.extend_from_slice(b"\r\nuser-agent: ");
+    out.extend_from_slice(USER_AGENT.as_bytes());
     out.extend_from_slice(b"\r\n");
     for (name, value) in headers {
         if name == http::header::HOST
+            || name == http::header::USER_AGENT
             || name == http::header::CONTENT_LENGTH
             || name == http::header::TRANSFER_ENCODING
             || name == http::header::CONNECTION
@@ -341,9 +348,8 @@ fn encode(url: &Uri, authority: &Authority, headers: &HeaderMap, body: &[u8]) ->
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    out.extend_from_slice(b"content-length: ");
-    out.extend_from_slice(body.len().to_string().as_bytes());
-    out.extend_from_slice(b"\r\n\r\n");
+    // Writing to a Vec cannot fail.
+    let _ = write!(out, "content-length: {}\r\n\r\n", body.len());
     out.extend_from_slice(body);
     out
 }
@@ -756,8 +762,10 @@ mod tests {
         let request = encode(&url, &to.authority, &headers, b"{}");
         assert_eq!(
             String::from_utf8(request).unwrap(),
-            "POST /hooks?tenant=a%20b HTTP/1.1\r\nhost: down.internal:8080\r\n\
-             x-hookgate-rule: all\r\ncontent-length: 2\r\n\r\n{}"
+            format!(
+                "POST /hooks?tenant=a%20b HTTP/1.1\r\nhost: down.internal:8080\r\n\
+                 user-agent: {USER_AGENT}\r\nx-hookgate-rule: all\r\ncontent-length: 2\r\n\r\n{{}}"
+            )
         );
         let bare: Uri = "https://down.internal".parse().unwrap();
         let request = encode(

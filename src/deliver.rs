@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use http::header::{CONTENT_TYPE, USER_AGENT};
+use http::header::CONTENT_TYPE;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
@@ -27,13 +27,12 @@ pub const HEADER_RULE: HeaderName = HeaderName::from_static("x-hookgate-rule");
 pub const HEADER_JOB_ID: HeaderName = HeaderName::from_static("x-hookgate-job-id");
 pub const HEADER_SIGNATURE: HeaderName = HeaderName::from_static("x-hub-signature-256");
 
-const USER_AGENT_VALUE: &str = concat!("hookgate/", env!("CARGO_PKG_VERSION"));
-
 /// How much of a response body is read (and discarded) so that the
 /// connection can go back to the pool; a longer body closes it instead.
 const DRAIN_LIMIT: usize = 64 * 1024;
 
-/// One job on its way to one destination, with every header it will carry.
+/// One job on its way to one destination, with every header it will carry
+/// besides those the client adds (`Host`, `User-Agent`, `Content-Length`).
 #[derive(Debug, Clone)]
 pub struct Delivery {
     pub destination: DestinationName,
@@ -72,7 +71,6 @@ impl Delivery {
             headers.insert(name, value);
         }
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        headers.insert(USER_AGENT, HeaderValue::from_static(USER_AGENT_VALUE));
         if let Some(signature) = signature {
             headers.insert(HEADER_SIGNATURE, signature);
         }

@@ -107,10 +107,6 @@ pub async fn send(url: &str, secret_env: Option<&str>, payload: &Path) -> anyhow
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static("application/json"),
     );
-    headers.insert(
-        http::header::USER_AGENT,
-        http::HeaderValue::from_static(concat!("hookgate/", env!("CARGO_PKG_VERSION"))),
-    );
     if let Some(var) = secret_env {
         let signature = verify::sign(&secret_from_env(var)?, &body);
         headers.insert(crate::deliver::HEADER_SIGNATURE, signature.parse()?);

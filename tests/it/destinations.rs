@@ -55,7 +55,10 @@ async fn every_response_framing_is_read_and_the_connection_reused_when_safe() {
             .status();
         assert_eq!(status, 200, "answer {i}");
     }
-    assert_eq!(down.received().len(), n, "each delivered once");
+    let received = down.received();
+    assert_eq!(received.len(), n, "each delivered once");
+    let agent = received[0].header("user-agent").unwrap_or_default();
+    assert!(agent.starts_with("hookgate/"), "user-agent {agent:?}");
     assert_eq!(down.connections(), 3, "reused until a close");
     let m = gw.metrics().await;
     let success = "destination=\"down\",outcome=\"success\"";
