@@ -208,6 +208,22 @@ pub fn routes(
                 ),
             }
         });
+    let quarantine = warp::path!("admin" / "quarantine")
+        .and(warp::get())
+        .and(spooled.clone())
+        .map(|spooled: Spooled| {
+            let d = match spooled {
+                Ok(d) => d,
+                Err(refused) => return *refused,
+            };
+            match d.spool().quarantined() {
+                Ok(records) => json_reply(StatusCode::OK, &json!({ "quarantined": records })),
+                Err(e) => json_reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &json!({ "error": e.to_string() }),
+                ),
+            }
+        });
     let purge = dead_letters
         .and(warp::delete())
         .and(spooled)
@@ -240,6 +256,8 @@ pub fn routes(
         .or(list)
         .unify()
         .or(purge)
+        .unify()
+        .or(quarantine)
         .unify()
 }
 

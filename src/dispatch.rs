@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::deliver::{Delivery, Forwarder, Outcome};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, SPOOL_OPS};
 use crate::query::Query;
 use crate::rules::{DestinationName, Input, RuleSet, UNROUTED};
 use crate::schedule::{Circuit, Gate, Next, RetryPolicy};
@@ -261,6 +261,7 @@ impl Dispatcher {
         rules: watch::Receiver<Arc<RuleSet>>,
         max_age: Duration,
     ) -> std::io::Result<Arc<Self>> {
+        metrics.register_spool();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
@@ -401,6 +402,16 @@ impl Dispatcher {
                 lane.retry(id, Instant::now() + Duration::from_secs(5));
                 return;
             }
+        };
+        let Some(job) = job else {
+            lane.forget(id);
+            self.bury(
+                id,
+                record,
+                "undecodable: the stored webhook could not be read (see the spool's quarantine)"
+                    .into(),
+            );
+            return;
         };
         let delivery = match delivery_of(&lane.name, &record, job) {
             Ok(d) => d,
@@ -598,6 +609,18 @@ impl Dispatcher {
                 .circuit_open
                 .with_label_values(&[name])
                 .set(i64::from(state.circuit.is_open()));
+        }
+        let health = self.spool.health();
+        let spool = &self.metrics.spool;
+        spool.writable.set(i64::from(health.writable));
+        spool.quarantined.set(health.quarantined as i64);
+        for (op, total) in SPOOL_OPS.into_iter().zip([
+            health.open_errors,
+            health.commit_errors,
+            health.read_errors,
+        ]) {
+            let counter = spool.errors.with_label_values(&[op]);
+            counter.inc_by(total.saturating_sub(counter.get()));
         }
         for (destination, n) in self.dead.lock().unwrap_or_else(|p| p.into_inner()).iter() {
             self.metrics

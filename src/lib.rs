@@ -264,9 +264,26 @@ fn open_spool(
     if let Some(aside) = &recovered.moved_aside {
         tracing::error!(
             spool = %config.spool.path.display(),
-            moved_to = %aside.display(),
+            moved_to = %aside.path.display(),
+            bytes = aside.bytes,
+            reason = %aside.reason,
             "THE SPOOL FILE WAS DAMAGED: it was moved aside and an empty spool started; \
-             webhooks accepted into the damaged file are not delivered from it"
+             the webhooks it held are not delivered from it (inspect or restore it by hand)"
+        );
+    }
+    if recovered.repaired {
+        tracing::error!(
+            spool = %config.spool.path.display(),
+            "the spool file failed its integrity check and was rolled back to its last intact \
+             commit: webhooks accepted in the commit that was damaged may be lost"
+        );
+    }
+    for q in &recovered.quarantined {
+        tracing::error!(
+            table = %q.table,
+            key = q.key,
+            bytes = q.bytes,
+            "a spool record could not be decoded: it was quarantined (GET /admin/quarantine)"
         );
     }
     tracing::info!(

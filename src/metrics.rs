@@ -66,6 +66,19 @@ const LATENCY_BUCKETS: &[f64] = &[
     60.0,
 ];
 
+/// The embedded spool's own health: a spool that cannot write refuses
+/// webhooks, and these say why before anyone reads the log.
+pub struct SpoolMetrics {
+    /// `op`: `open` (reopening or moving a damaged file aside), `commit`,
+    /// `read`.
+    pub errors: IntCounterVec,
+    pub writable: IntGauge,
+    pub quarantined: IntGauge,
+}
+
+/// The `op` label values of `hookgate_spool_errors_total`.
+pub const SPOOL_OPS: [&str; 3] = ["open", "commit", "read"];
+
 #[derive(Clone, Copy)]
 enum Series {
     Create,
@@ -93,6 +106,8 @@ pub struct Metrics {
     pub last_reload_successful: IntGauge,
     pub last_reload_success_timestamp: Gauge,
     pub config_hash: Gauge,
+    /// Durable mode only: registered by [`Metrics::register_spool`].
+    pub spool: SpoolMetrics,
     categories: HashSet<String>,
     /// The rule and destination names whose series currently exist.
     tracked: Mutex<(Vec<String>, Vec<String>)>,
@@ -220,6 +235,26 @@ impl Metrics {
                 "hookgate_config_hash",
                 "A number derived from the loaded rules file: it changes when the rules in force change."
             )),
+            spool: SpoolMetrics {
+                errors: IntCounterVec::new(
+                    Opts::new(
+                        "hookgate_spool_errors_total",
+                        "Spool operations that failed, by operation (open, commit, read).",
+                    ),
+                    &["op"],
+                )
+                .unwrap_or_else(|e| unreachable!("static metric definition: {e}")),
+                writable: IntGauge::new(
+                    "hookgate_spool_writable",
+                    "1 while the spool commits, 0 while its writes fail (webhooks get 503 meanwhile).",
+                )
+                .unwrap_or_else(|e| unreachable!("static metric definition: {e}")),
+                quarantined: IntGauge::new(
+                    "hookgate_spool_quarantined_records",
+                    "Spool records kept aside because they could not be decoded (GET /admin/quarantine).",
+                )
+                .unwrap_or_else(|e| unreachable!("static metric definition: {e}")),
+            },
             categories: KNOWN_CATEGORIES
                 .iter()
                 .map(|c| c.to_string())
@@ -244,6 +279,23 @@ impl Metrics {
     }
 
     /// Counts what the moderation result says, with bounded labels.
+    /// Exposes the spool's series, at their start values (durable mode).
+    pub fn register_spool(&self) {
+        let spool = &self.spool;
+        for collector in [
+            Box::new(spool.errors.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(spool.writable.clone()),
+            Box::new(spool.quarantined.clone()),
+        ] {
+            // Registered once per registry: a second call changes nothing.
+            let _ = self.registry.register(collector);
+        }
+        for op in SPOOL_OPS {
+            spool.errors.with_label_values(&[op]);
+        }
+        spool.writable.set(1);
+    }
+
     pub fn observe_job(&self, job: &Job<'_>) {
         if job.is_error {
             self.errored.inc();

@@ -4,6 +4,7 @@
 mod cli;
 mod destinations;
 mod durable;
+mod faults;
 mod hardening;
 mod ingress;
 mod observability;

@@ -674,6 +674,11 @@ impl BinaryGateway {
         child.wait().unwrap();
     }
 
+    /// Everything logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().unwrap().id()
     }
