@@ -278,6 +278,18 @@ impl RuleSet {
                 line,
             });
         }
+        if rules.is_empty() && problems.is_empty() {
+            // Also what a file caught half-written (truncated, then
+            // written) looks like: never loaded, it would route nothing.
+            problems.push(Problem {
+                line: 0,
+                message: if text.trim().is_empty() {
+                    "the file is empty: a rules file needs at least one [[rules]] entry".into()
+                } else {
+                    "there are no [[rules]]: nothing would be routed".into()
+                },
+            });
+        }
         if !problems.is_empty() {
             problems.sort_by_key(|p| p.line);
             return Err(problems);

@@ -347,3 +347,21 @@ fn explain_names_the_failing_matcher() {
     }
     assert!(matches!(traces[1].verdict, Verdict::Matched));
 }
+
+#[test]
+fn a_file_without_rules_is_refused() {
+    let cases: &[(&str, &str)] = &[
+        ("", "the file is empty"),
+        ("\n  \n", "the file is empty"),
+        ("# only a comment\n", "no [[rules]]"),
+        (
+            "[destinations.a]\nurl = \"http://a.internal/\"\n",
+            "no [[rules]]",
+        ),
+    ];
+    for (text, want) in cases {
+        let problems = RuleSet::parse(text).unwrap_err();
+        assert_eq!(problems.len(), 1, "{text:?}: {problems:?}");
+        assert!(problems[0].message.contains(want), "{text:?}: {problems:?}");
+    }
+}

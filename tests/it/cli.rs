@@ -322,3 +322,25 @@ async fn send_to_listen_round_trip() {
         "{printed}"
     );
 }
+
+#[test]
+fn check_refuses_a_rules_file_without_rules() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("hookgate.toml"),
+        "[verify]\nrequired = false\n[delivery]\nmode = \"direct\"\n",
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("rules.toml"), "").unwrap();
+    let out = hookgate()
+        .args(["check", "--config"])
+        .arg(dir.path().join("hookgate.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("rules.toml") && stderr.contains("the file is empty"),
+        "{stderr}"
+    );
+}

@@ -284,3 +284,72 @@ async fn deleted_rules_file_keeps_the_rules() {
         "the failure is not logged:\n{log}"
     );
 }
+
+/// Rules written in place (truncated, then written), as an editor or
+/// `cat > rules.toml` does, under load: the poller meets the empty file,
+/// refuses it, and no webhook is left unrouted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rules_file_caught_empty_is_refused_under_load() {
+    let down = Downstream::start([]).await;
+    let rules = GatewayBuilder::forward_all_rules(&down.url("/"));
+    let gw = GatewayBuilder::new(rules.clone())
+        .config("[rules]\nreload_interval = \"50ms\"")
+        .start()
+        .await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (client, url, stop) = (gw.client.clone(), gw.url("/results"), stop.clone());
+        tokio::spawn(async move {
+            let mut statuses = Vec::new();
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let body = job(&format!("in-place-{i}"), &[]);
+                let response = client
+                    .post(&url)
+                    .header("X-Hub-Signature-256", sign(&body))
+                    .body(body)
+                    .send()
+                    .await
+                    .unwrap();
+                statuses.push(response.status().as_u16());
+                i += 1;
+            }
+            statuses
+        })
+    };
+    let file = gw.dir().join("rules.toml");
+    for _ in 0..5 {
+        std::fs::File::create(&file).unwrap();
+        // Long enough for the poller to read the empty file.
+        eventually(Duration::from_secs(5), "the empty file is seen", || async {
+            gw.metrics()
+                .await
+                .get("hookgate_config_last_reload_successful", "")
+                == 0.0
+        })
+        .await;
+        std::fs::write(&file, &rules).unwrap();
+        eventually(
+            Duration::from_secs(5),
+            "the rules are read again",
+            || async {
+                gw.metrics()
+                    .await
+                    .get("hookgate_config_last_reload_successful", "")
+                    == 1.0
+            },
+        )
+        .await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let statuses = load.await.unwrap();
+    let m = gw.metrics().await;
+    assert!(m.get("hookgate_config_reloads_total", "result=\"failure\"") >= 5.0);
+    assert_eq!(
+        m.get("hookgate_jobs_routed_total", "rule=\"unrouted\""),
+        0.0
+    );
+    assert!(statuses.len() > 20, "{} webhooks", statuses.len());
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    gw.stop().await;
+}
