@@ -40,8 +40,12 @@ pub enum Rejection {
     TooLarge { limit: u64 },
     #[error(transparent)]
     NotAJob(#[from] JobError),
-    #[error("the request body was not received: {0}")]
-    Incomplete(String),
+    /// The body did not arrive within `server.body_read_timeout`.
+    #[error("the request body was not received within {0:?}")]
+    SlowBody(std::time::Duration),
+    /// The body's framing was broken (a bad chunk, a connection cut short).
+    #[error("the request body is malformed: {0}")]
+    BadBody(String),
     #[error("not accepted, retry later: {0}")]
     Overloaded(#[from] SpoolError),
     #[error("the gateway is shutting down")]
@@ -53,7 +57,7 @@ impl Rejection {
         match self {
             Self::Signature(e) => e.reason(),
             Self::TooLarge { .. } => "too_large",
-            Self::NotAJob(_) | Self::Incomplete(_) => "malformed",
+            Self::NotAJob(_) | Self::SlowBody(_) | Self::BadBody(_) => "malformed",
             Self::Overloaded(_) => "overloaded",
             Self::Draining => "draining",
         }
@@ -63,8 +67,8 @@ impl Rejection {
         match self {
             Self::Signature(_) => StatusCode::UNAUTHORIZED,
             Self::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::NotAJob(_) => StatusCode::BAD_REQUEST,
-            Self::Incomplete(_) => StatusCode::REQUEST_TIMEOUT,
+            Self::NotAJob(_) | Self::BadBody(_) => StatusCode::BAD_REQUEST,
+            Self::SlowBody(_) => StatusCode::REQUEST_TIMEOUT,
             Self::Overloaded(_) | Self::Draining => StatusCode::SERVICE_UNAVAILABLE,
         }
     }

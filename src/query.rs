@@ -23,9 +23,11 @@ impl<'a> Query<'a> {
     pub fn new(request: Option<&'a str>, callback_url: Option<&'a str>) -> Self {
         Self {
             request: request.map(parse).unwrap_or_default(),
+            // The fragment goes first: a `?` inside it is not a query.
             callback: callback_url
+                .map(|url| url.split_once('#').map_or(url, |(url, _)| url))
                 .and_then(|url| url.split_once('?'))
-                .map(|(_, q)| q.split_once('#').map_or(q, |(q, _)| q)),
+                .map(|(_, q)| q),
             callback_pairs: OnceCell::new(),
         }
     }
@@ -81,6 +83,14 @@ mod tests {
                 Some("été"),
             ),
             (None, Some("https://x/r?a=1#frag=2"), "frag", None),
+            (None, Some("https://x/r#?tenant=acme"), "tenant", None),
+            (None, Some("https://x/r?a=1#?tenant=acme"), "tenant", None),
+            (
+                None,
+                Some("https://x/r?tenant=acme#x?tenant=b"),
+                "tenant",
+                Some("acme"),
+            ),
             (Some("a=1&a=2"), None, "a", Some("1")),
             (Some("flag"), None, "flag", Some("")),
             (None, Some("https://x/r"), "tenant", None),

@@ -137,7 +137,7 @@ where
         let mut body = std::pin::pin!(body);
         let mut buf = BytesMut::with_capacity(content_length.unwrap_or(1024) as usize);
         while let Some(chunk) = body.next().await {
-            let mut chunk = chunk.map_err(|e| Rejection::Incomplete(e.to_string()))?;
+            let mut chunk = chunk.map_err(|e| Rejection::BadBody(e.to_string()))?;
             if (buf.len() + chunk.remaining()) as u64 > limit {
                 return Err(Rejection::TooLarge { limit });
             }
@@ -152,11 +152,7 @@ where
     };
     tokio::time::timeout(timeout, read)
         .await
-        .unwrap_or_else(|_| {
-            Err(Rejection::Incomplete(format!(
-                "not complete within {timeout:?}"
-            )))
-        })
+        .unwrap_or(Err(Rejection::SlowBody(timeout)))
 }
 
 /// The answer's JSON body.

@@ -129,6 +129,29 @@ async fn bodies_that_lie_or_overflow() {
     let answer = raw(gw.webhook, &head, Duration::from_secs(3)).await;
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
 
+    // A broken chunked framing: 400 malformed at once, not a timeout.
+    let before = gw.metrics().await;
+    let mut bad_chunk = post_head("transfer-encoding: chunked\r\n", 0, &sig)
+        .replace("content-length: 0\r\n", "")
+        .into_bytes();
+    bad_chunk.extend_from_slice(b"zz\r\nhello\r\n0\r\n\r\n");
+    let started = std::time::Instant::now();
+    let answer = raw(gw.webhook, &bad_chunk, Duration::from_secs(3)).await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(
+        started.elapsed() < Duration::from_millis(400),
+        "{:?}",
+        started.elapsed()
+    );
+    let label = "reason=\"malformed\"";
+    assert_eq!(
+        gw.metrics()
+            .await
+            .get("hookgate_webhooks_rejected_total", label)
+            - before.get("hookgate_webhooks_rejected_total", label),
+        1.0
+    );
+
     // Content-Length and Transfer-Encoding together (a smuggling shape):
     // framed by Transfer-Encoding alone, as RFC 9112 says, and the
     // connection closed after the answer, so a request hidden behind it
@@ -173,10 +196,10 @@ async fn bodies_that_lie_or_overflow() {
         );
     }
     let m = gw.metrics().await;
-    // The cases and the lying length.
+    // The cases, the lying length and the broken chunk.
     assert_eq!(
         m.get("hookgate_webhooks_rejected_total", "reason=\"malformed\""),
-        cases.len() as f64 + 1.0
+        cases.len() as f64 + 2.0
     );
     assert_eq!(
         m.get("hookgate_webhooks_rejected_total", "reason=\"too_large\""),
