@@ -20,6 +20,7 @@ use crate::metrics::Metrics;
 use crate::query::Query;
 use crate::rules::{Decision, Input, RuleSet, UNROUTED};
 use crate::spool::{Accepted, NewJob, SpoolError, StoredJob, unix_ms};
+use crate::throttle::LogThrottle;
 use crate::verify::{SignatureError, Verified, Verifier};
 
 /// A webhook request as read off the wire.
@@ -112,12 +113,18 @@ pub enum Dispatch {
     Durable(Arc<Dispatcher>),
 }
 
+/// How often a warning that repeats (a refusal, an unsafe query value)
+/// is written, with the count of those left out.
+const WARN_EVERY: Duration = Duration::from_secs(10);
+
 pub struct Gateway {
     verifier: watch::Receiver<Arc<Verifier>>,
     rules: watch::Receiver<Arc<RuleSet>>,
     dispatch: Dispatch,
     metrics: Arc<Metrics>,
     draining: CancellationToken,
+    /// Shared by every server worker's gateway.
+    warnings: Arc<LogThrottle>,
 }
 
 impl Gateway {
@@ -134,6 +141,7 @@ impl Gateway {
             dispatch,
             metrics,
             draining,
+            warnings: Arc::new(LogThrottle::new(WARN_EVERY)),
         }
     }
 
@@ -156,6 +164,7 @@ impl Gateway {
             dispatch,
             metrics: self.metrics.clone(),
             draining: self.draining.clone(),
+            warnings: self.warnings.clone(),
         }
     }
 
@@ -169,7 +178,13 @@ impl Gateway {
             .rejected
             .with_label_values(&[rejection.reason()])
             .inc();
-        tracing::warn!(reason = rejection.reason(), "webhook rejected: {rejection}");
+        if let Some(left_out) = self.warnings.allow(rejection.reason(), Instant::now()) {
+            tracing::warn!(
+                reason = rejection.reason(),
+                similar_left_out = left_out,
+                "webhook rejected: {rejection}"
+            );
+        }
         Reply::Rejected(rejection)
     }
 
@@ -223,6 +238,19 @@ impl Gateway {
                 .routed
                 .with_label_values(&[rule.name.as_str()])
                 .inc();
+        }
+        for route in &decision.routes {
+            if let Err(e) = &route.url {
+                if let Some(left_out) = self.warnings.allow("url_template", Instant::now()) {
+                    tracing::warn!(
+                        job_id = %job.job_id,
+                        destination = %route.destination.name,
+                        rule = %route.rule.name,
+                        similar_left_out = left_out,
+                        "not forwarded there: {e}"
+                    );
+                }
+            }
         }
         match &self.dispatch {
             Dispatch::Direct {
@@ -308,10 +336,8 @@ impl Gateway {
                     let policy = forwarder.policy(Some(route.destination));
                     deliveries.push((Delivery::new(verified, &job_id, route, url.clone()), policy));
                 }
-                Err(e) => {
-                    tracing::error!(job_id, destination = %route.destination.name, rule = %route.rule.name, "not forwarded: {e}");
-                    failed = Some(Outcome::Refused(StatusCode::BAD_REQUEST));
-                }
+                // Logged when routed.
+                Err(_) => failed = Some(Outcome::Refused(StatusCode::BAD_REQUEST)),
             }
         }
         let results = join_all(deliveries.iter().map(|(d, policy)| async move {

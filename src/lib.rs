@@ -24,6 +24,7 @@
 //! - [`gateway`]: the pipeline for one webhook, and the answer it gets.
 //! - [`server`]: the thin HTTP layer (warp on hyper), one single-threaded
 //!   runtime per core for the webhook port; [`admin`] for the admin port.
+//! - [`throttle`]: rate-limited log lines for warnings that come in bursts.
 //! - [`tools`]: the operator commands (`check`, `route`, `sign`, `send`,
 //!   `listen`).
 //!
@@ -44,6 +45,7 @@ pub mod rules;
 pub mod schedule;
 pub mod server;
 pub mod spool;
+pub mod throttle;
 pub mod tools;
 pub mod verify;
 

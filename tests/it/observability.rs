@@ -570,3 +570,84 @@ forward = ["ok"]
     assert_eq!(success, 0.0);
     gw.stop().await;
 }
+
+/// A refusal that repeats is one WARN line per reason per 10 s, carrying
+/// the count of those left out; the metric counts every one. An unsafe
+/// `{query.NAME}` value is a WARN naming the job, the destination and the
+/// parameter.
+#[tokio::test]
+async fn repeated_warnings_are_rate_limited_and_unsafe_query_values_named() {
+    let (dir, path) = GatewayBuilder::new(
+        "[destinations.tenant]\nurl = \"http://archive-{query.tenant}.invalid:8080/r\"\n\
+         [[rules]]\nname = \"all\"\nforward = [\"tenant\"]\n",
+    )
+    .config("[delivery]\nmode = \"durable\"")
+    .write();
+    let gw = BinaryGateway::spawn(dir.path(), &path, &[("HOOKGATE_LOG__FORMAT", "json")]).await;
+    let url = format!("http://{}/results", gw.webhook);
+    for _ in 0..50 {
+        let r = gw
+            .client
+            .post(&url)
+            .header("X-Hub-Signature-256", sign(b"another body"))
+            .body(job("unsigned", &[]))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401);
+    }
+    let body = job("dot-dot", &[]);
+    let r = gw
+        .client
+        .post(format!("{url}?tenant=.."))
+        .header("X-Hub-Signature-256", sign(&body))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let m = gw.metrics().await;
+    assert_eq!(
+        m.get(
+            "hookgate_webhooks_rejected_total",
+            "reason=\"bad_signature\""
+        ),
+        50.0
+    );
+    let (code, log) = gw.stop().await;
+    assert_eq!(code, Some(0));
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let rejected: Vec<_> = lines
+        .iter()
+        .filter(|l| {
+            l["message"]
+                .as_str()
+                .unwrap_or_default()
+                .starts_with("webhook rejected")
+        })
+        .collect();
+    assert_eq!(rejected.len(), 1, "{log}");
+    assert_eq!(rejected[0]["level"], "WARN");
+    let unsafe_value = lines
+        .iter()
+        .find(|l| {
+            l["message"]
+                .as_str()
+                .unwrap_or_default()
+                .starts_with("not forwarded there")
+        })
+        .unwrap_or_else(|| panic!("no warning for the unsafe value:\n{log}"));
+    assert_eq!(unsafe_value["level"], "WARN");
+    assert_eq!(unsafe_value["job_id"], "dot-dot");
+    assert_eq!(unsafe_value["destination"], "tenant");
+    assert!(
+        unsafe_value["message"]
+            .as_str()
+            .unwrap()
+            .contains("`tenant`"),
+        "{unsafe_value}"
+    );
+}
