@@ -224,7 +224,14 @@ fn the_dashboard_imports_into_current_grafana() {
         .collect();
     assert_eq!(
         rows,
-        ["Ingress", "Moderation", "Routing", "Delivery", "Config"]
+        [
+            "Ingress",
+            "Moderation",
+            "Routing",
+            "Delivery",
+            "Config",
+            "Spool"
+        ]
     );
 }
 
