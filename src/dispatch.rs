@@ -30,6 +30,7 @@ use crate::spool::{
     Accepted, DeadFilter, HELD_PER_DESTINATION, NewJob, OnDisk, ReadBack, Record, Recovered, Spool,
     SpoolError, StoredJob, unix_ms,
 };
+use crate::throttle::LogThrottle;
 
 /// The instant of a stored wall-clock time, for timers.
 fn instant_of(ms: u64) -> Instant {
@@ -250,6 +251,9 @@ pub struct Dispatcher {
     runtime: Handle,
     /// Lets the lanes' thread end once they have.
     lanes_done: CancellationToken,
+    /// While the spool cannot be read, every held delivery fails to load
+    /// in turn: one line per period, not one per delivery.
+    warnings: LogThrottle,
 }
 
 impl Dispatcher {
@@ -283,6 +287,7 @@ impl Dispatcher {
             tasks: TaskTracker::new(),
             runtime: handle,
             lanes_done,
+            warnings: LogThrottle::new(Duration::from_secs(10)),
         }))
     }
 
@@ -398,7 +403,14 @@ impl Dispatcher {
             Err(e) => {
                 // The spool cannot be read right now: try again later
                 // rather than lose track of the delivery.
-                tracing::error!(id, destination = %lane.name, "cannot load a delivery: {e}");
+                if let Some(left_out) = self.warnings.allow("load", Instant::now()) {
+                    tracing::error!(
+                        id,
+                        destination = %lane.name,
+                        similar_left_out = left_out,
+                        "cannot load a delivery, retrying in 5 s: {e}"
+                    );
+                }
                 lane.retry(id, Instant::now() + Duration::from_secs(5));
                 return;
             }

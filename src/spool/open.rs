@@ -152,9 +152,12 @@ fn classify(e: impl Into<redb::Error>) -> Failure {
 /// free delivery id and job sequence, the records in quarantine.
 type Read = (Recovered, u64, u64, u64, u64);
 
-/// Reads what the spool holds: pending deliveries, dead letter counts, the
-/// bytes in use and the next free ids. Records that cannot be decoded are
-/// moved to the quarantine table first.
+/// A record found undecodable: its table, key and bytes.
+type Undecodable = (&'static str, u64, Vec<u8>);
+
+/// Reads what the spool holds, in one pass: pending deliveries, dead letter
+/// counts, the bytes in use and the next free ids. Records that cannot be
+/// decoded are then moved to the quarantine table.
 fn recover(db: &Database) -> Result<Read, redb::Error> {
     let txn = db.begin_write()?;
     // Create every table, so that readers never meet a missing one.
@@ -168,12 +171,9 @@ fn recover(db: &Database) -> Result<Read, redb::Error> {
         txn.open_table(QUARANTINE)?;
     }
     txn.commit()?;
-    let quarantined = quarantine_undecodable(db)?;
     let txn = db.begin_read()?;
-    let mut recovered = Recovered {
-        quarantined,
-        ..Recovered::default()
-    };
+    let mut recovered = Recovered::default();
+    let mut undecodable: Vec<Undecodable> = Vec::new();
     let mut bytes = 0;
     let mut next_id = 1;
     let mut next_job = 1;
@@ -181,11 +181,12 @@ fn recover(db: &Database) -> Result<Read, redb::Error> {
     for entry in txn.open_table(DELIVERIES)?.iter()? {
         let (id, raw) = entry?;
         let id = id.value();
-        bytes += raw.value().len() as u64;
         next_id = next_id.max(id + 1);
         let Ok(record) = serde_json::from_slice::<Record>(raw.value()) else {
+            undecodable.push(("deliveries", id, raw.value().to_vec()));
             continue;
         };
+        bytes += raw.value().len() as u64;
         let n = held.entry(record.destination.clone()).or_default();
         if *n < HELD_PER_DESTINATION {
             *n += 1;
@@ -203,11 +204,12 @@ fn recover(db: &Database) -> Result<Read, redb::Error> {
     }
     for entry in txn.open_table(DEAD)?.iter()? {
         let (id, raw) = entry?;
-        bytes += raw.value().len() as u64;
         next_id = next_id.max(id.value() + 1);
         let Ok(record) = serde_json::from_slice::<Record>(raw.value()) else {
+            undecodable.push(("dead", id.value(), raw.value().to_vec()));
             continue;
         };
+        bytes += raw.value().len() as u64;
         *recovered
             .dead_by_destination
             .entry(record.destination)
@@ -215,10 +217,14 @@ fn recover(db: &Database) -> Result<Read, redb::Error> {
     }
     for entry in txn.open_table(JOBS)?.iter()? {
         let (seq, raw) = entry?;
-        bytes += raw.value().len() as u64;
         next_job = next_job.max(seq.value() + 1);
+        if StoredJob::decode(raw.value()).is_none() {
+            undecodable.push(("jobs", seq.value(), raw.value().to_vec()));
+            continue;
+        }
+        bytes += raw.value().len() as u64;
     }
-    let mut in_quarantine = 0;
+    let mut in_quarantine = undecodable.len() as u64;
     for entry in txn.open_table(QUARANTINE)?.iter()? {
         let (key, _) = entry?;
         // Quarantined keys are never handed out again: a new job must not
@@ -231,30 +237,13 @@ fn recover(db: &Database) -> Result<Read, redb::Error> {
         }
         in_quarantine += 1;
     }
+    drop(txn);
+    recovered.quarantined = quarantine(db, undecodable)?;
     Ok((recovered, bytes, next_id, next_job, in_quarantine))
 }
 
-/// Moves every record of `deliveries`, `dead` and `jobs` that cannot be
-/// decoded into the quarantine table, as it was; returns those moved.
-fn quarantine_undecodable(db: &Database) -> Result<Vec<Quarantined>, redb::Error> {
-    let mut found: Vec<(&'static str, u64, Vec<u8>)> = Vec::new();
-    {
-        let txn = db.begin_read()?;
-        for (name, table) in [("deliveries", DELIVERIES), ("dead", DEAD)] {
-            for entry in txn.open_table(table)?.iter()? {
-                let (key, raw) = entry?;
-                if serde_json::from_slice::<Record>(raw.value()).is_err() {
-                    found.push((name, key.value(), raw.value().to_vec()));
-                }
-            }
-        }
-        for entry in txn.open_table(JOBS)?.iter()? {
-            let (key, raw) = entry?;
-            if StoredJob::decode(raw.value()).is_none() {
-                found.push(("jobs", key.value(), raw.value().to_vec()));
-            }
-        }
-    }
+/// Moves undecodable records, as they were, into the quarantine table.
+fn quarantine(db: &Database, found: Vec<Undecodable>) -> Result<Vec<Quarantined>, redb::Error> {
     if found.is_empty() {
         return Ok(Vec::new());
     }
