@@ -393,12 +393,15 @@ impl Dispatcher {
         }
     }
 
-    async fn attempt(&self, lane: &Lane, id: u64) {
-        let (mut record, job) = match self.spool.load(id) {
+    /// The delivery's record and request, read from the spool; `None`
+    /// when there is nothing to send (gone, unreadable for now, or
+    /// undecodable: dead-lettered).
+    fn prepare(&self, lane: &Lane, id: u64) -> Option<(Record, Delivery)> {
+        let (record, job) = match self.spool.load(id) {
             Ok(Some(found)) => found,
             Ok(None) => {
                 lane.forget(id);
-                return;
+                return None;
             }
             Err(e) => {
                 // The spool cannot be read right now: try again later
@@ -412,7 +415,7 @@ impl Dispatcher {
                     );
                 }
                 lane.retry(id, Instant::now() + Duration::from_secs(5));
-                return;
+                return None;
             }
         };
         let Some(job) = job else {
@@ -423,15 +426,25 @@ impl Dispatcher {
                 "undecodable: the stored webhook could not be read (see the spool's quarantine)"
                     .into(),
             );
-            return;
+            return None;
         };
         let delivery = match delivery_of(&lane.name, &record, job) {
             Ok(d) => d,
             Err(reason) => {
                 lane.forget(id);
                 self.bury(id, record, reason);
-                return;
+                return None;
             }
+        };
+        Some((record, delivery))
+    }
+
+    async fn attempt(&self, lane: &Lane, id: u64) {
+        let Some((mut record, delivery)) = self.prepare(lane, id) else {
+            // Nothing reached the destination: if this was the circuit's
+            // probe, the next attempt probes instead.
+            lane.lock().circuit.released();
+            return;
         };
         let rules = self.rules.borrow().clone();
         let policy = self

@@ -134,6 +134,15 @@ impl Circuit {
         self.state = CircuitState::Closed;
     }
 
+    /// An attempt ended without reaching the destination (its delivery was
+    /// gone, or the spool could not be read): if it was the probe, the next
+    /// attempt probes instead, rather than the circuit waiting for ever.
+    pub fn released(&mut self) {
+        if self.state == (CircuitState::HalfOpen { probing: true }) {
+            self.state = CircuitState::HalfOpen { probing: false };
+        }
+    }
+
     /// The destination failed (timeout, connection, 5xx, 429).
     pub fn failed(&mut self, now: Instant) {
         self.failures = self.failures.saturating_add(1);
@@ -277,5 +286,22 @@ mod tests {
             assert_eq!(c.gate(Instant::now()), Gate::Pass);
             c.failed(Instant::now());
         }
+    }
+
+    #[test]
+    fn a_probe_that_never_reached_the_destination_lets_another_probe() {
+        let mut c = Circuit::default();
+        let t0 = Instant::now();
+        for _ in 0..CIRCUIT_THRESHOLD {
+            c.failed(t0);
+        }
+        let after = t0 + CIRCUIT_COOLDOWN_MIN;
+        assert_eq!(c.gate(after), Gate::Pass, "the probe");
+        assert_eq!(c.gate(after), Gate::WaitForProbe);
+        c.released();
+        assert_eq!(c.gate(after), Gate::Pass, "the next probe");
+        c.alive();
+        c.released();
+        assert!(!c.is_open(), "released changes nothing when closed");
     }
 }

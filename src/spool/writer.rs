@@ -204,6 +204,9 @@ impl Writer {
         let outcomes: Vec<Op> = batch.iter().filter_map(Op::outcome).collect();
         let mut replies = Vec::with_capacity(batch.len());
         let result = contain(|| self.apply(&db, batch, &mut replies)).and_then(|r| r);
+        // The engine's file lock goes with the last handle: ours must not
+        // hold it while [`Writer::fail`] reopens the file.
+        drop(db);
         if let Err(e) = &result {
             // Nothing of the batch is on disk: ids and accounting roll back.
             (self.next_id, self.next_job) = (before.0, before.1);
@@ -284,8 +287,17 @@ impl Writer {
         }
     }
 
-    /// Tries a real write, with the outcomes kept meanwhile.
+    /// Tries a real write, with the outcomes kept meanwhile. While the
+    /// file system says there is no room, it does not: a failed write
+    /// costs a reopen, and reopening a large file after a failed commit
+    /// means the engine checks it whole.
     fn probe(&mut self) {
+        if let Some(failing) = &mut self.failing {
+            failing.next_probe = Instant::now() + PROBE_EVERY;
+        }
+        if self.db.is_some() && !self.has_room() {
+            return;
+        }
         if self.db.is_none() {
             self.reopen();
         }
@@ -313,6 +325,15 @@ impl Writer {
                 self.fail(&e);
             }
         }
+    }
+
+    /// False when the file system holding the spool has less free space
+    /// than a probe needs; true when it has, or cannot say.
+    fn has_room(&self) -> bool {
+        let dir = self.shared.path.parent().unwrap_or(&self.shared.path);
+        rustix::fs::statvfs(dir).map_or(true, |fs| {
+            fs.f_bavail.saturating_mul(fs.f_frsize) >= 4 * PROBE_BYTES as u64
+        })
     }
 
     /// The bytes in use, counted again after writes were lost.
