@@ -603,15 +603,7 @@ async fn repeated_warnings_are_rate_limited_and_unsafe_query_values_named() {
             .unwrap();
         assert_eq!(r.status(), 401);
     }
-    let body = job("dot-dot", &[]);
-    let r = gw
-        .client
-        .post(format!("{url}?tenant=.."))
-        .header("X-Hub-Signature-256", sign(&body))
-        .body(body)
-        .send()
-        .await
-        .unwrap();
+    let r = post_signed(&gw.client, &format!("{url}?tenant=.."), job("dot-dot", &[])).await;
     assert_eq!(r.status(), 202);
     let m = gw.metrics().await;
     assert_eq!(

@@ -303,14 +303,7 @@ async fn a_rules_file_caught_empty_is_refused_under_load() {
             let mut statuses = Vec::new();
             let mut i = 0;
             while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                let body = job(&format!("in-place-{i}"), &[]);
-                let response = client
-                    .post(&url)
-                    .header("X-Hub-Signature-256", sign(&body))
-                    .body(body)
-                    .send()
-                    .await
-                    .unwrap();
+                let response = post_signed(&client, &url, job(&format!("in-place-{i}"), &[])).await;
                 statuses.push(response.status().as_u16());
                 i += 1;
             }
@@ -320,26 +313,12 @@ async fn a_rules_file_caught_empty_is_refused_under_load() {
     let file = gw.dir().join("rules.toml");
     for _ in 0..5 {
         std::fs::File::create(&file).unwrap();
-        // Long enough for the poller to read the empty file.
-        eventually(Duration::from_secs(5), "the empty file is seen", || async {
-            gw.metrics()
-                .await
-                .get("hookgate_config_last_reload_successful", "")
-                == 0.0
-        })
-        .await;
+        // Until the poller has read the empty file and refused it.
+        gw.wait_for_metric("hookgate_config_last_reload_successful", "", 0.0)
+            .await;
         std::fs::write(&file, &rules).unwrap();
-        eventually(
-            Duration::from_secs(5),
-            "the rules are read again",
-            || async {
-                gw.metrics()
-                    .await
-                    .get("hookgate_config_last_reload_successful", "")
-                    == 1.0
-            },
-        )
-        .await;
+        gw.wait_for_metric("hookgate_config_last_reload_successful", "", 1.0)
+            .await;
     }
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let statuses = load.await.unwrap();

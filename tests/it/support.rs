@@ -518,6 +518,15 @@ impl TestGateway {
         Metrics(text)
     }
 
+    /// Waits until the series `name{labels}` reads `value`.
+    pub async fn wait_for_metric(&self, name: &str, labels: &str, value: f64) {
+        let what = format!("{name}{{{labels}}} = {value}");
+        eventually(Duration::from_secs(5), &what, || async {
+            self.metrics().await.find(name, labels) == Some(value)
+        })
+        .await;
+    }
+
     pub async fn stop(mut self) {
         self.shutdown.cancel();
         if let Some(task) = self.task.take() {
@@ -568,6 +577,17 @@ impl Metrics {
                 (n == name && have == want).then(|| value.parse().unwrap())
             })
     }
+}
+
+/// POSTs `body` to `url` signed with [`SECRET`].
+pub async fn post_signed(client: &reqwest::Client, url: &str, body: Vec<u8>) -> reqwest::Response {
+    client
+        .post(url)
+        .header("X-Hub-Signature-256", sign(&body))
+        .body(body)
+        .send()
+        .await
+        .unwrap()
 }
 
 pub fn free_port() -> u16 {
