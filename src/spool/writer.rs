@@ -20,7 +20,7 @@ use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, Durability, ReadableTable, TableDefinition};
 use tokio::sync::oneshot;
 
 use super::open::{Reopen, reopen};
@@ -162,14 +162,9 @@ impl Writer {
                 // A last chance to save what was delivered.
                 self.probe();
             }
-            match &self.failing {
-                None => self.commit(&mut batch),
-                Some(_) => {
-                    let cause = self.cause();
-                    for op in batch.drain(..) {
-                        op.refuse(&cause, &mut self.unsaved);
-                    }
-                }
+            match (&self.failing, self.db.clone()) {
+                (None, Some(db)) => self.commit(db, &mut batch),
+                _ => self.refuse_all(&mut batch),
             }
             if closing {
                 if !self.unsaved.is_empty() {
@@ -184,18 +179,15 @@ impl Writer {
         }
     }
 
-    fn cause(&self) -> String {
-        self.shared.cause()
+    /// Answers every op of `batch` with the failure; outcomes are kept.
+    fn refuse_all(&mut self, batch: &mut VecDeque<Op>) {
+        let cause = self.shared.cause();
+        for op in batch.drain(..) {
+            op.refuse(&cause, &mut self.unsaved);
+        }
     }
 
-    fn commit(&mut self, batch: &mut VecDeque<Op>) {
-        let Some(db) = self.db.clone() else {
-            let cause = self.cause();
-            for op in batch.drain(..) {
-                op.refuse(&cause, &mut self.unsaved);
-            }
-            return;
-        };
+    fn commit(&mut self, db: Arc<Database>, batch: &mut VecDeque<Op>) {
         let before = (
             self.next_id,
             self.next_job,
@@ -213,14 +205,10 @@ impl Writer {
             self.shared.bytes.store(before.2, Ordering::Relaxed);
             self.unsaved.extend(outcomes);
             self.fail(e);
-            let cause = self.cause();
-            for op in batch.drain(..) {
-                // Not reached by the failed transaction; outcomes are kept
-                // already.
-                if op.outcome().is_none() {
-                    op.refuse(&cause, &mut VecDeque::new());
-                }
-            }
+            // What the failed transaction did not reach: its outcomes are
+            // kept already.
+            batch.retain(|op| op.outcome().is_none());
+            self.refuse_all(batch);
         }
         for send in replies {
             send(result.as_ref().map(|_| ()));
@@ -304,6 +292,7 @@ impl Writer {
         let mut batch = std::mem::take(&mut self.unsaved);
         let kept: VecDeque<Op> = batch.iter().filter_map(Op::outcome).collect();
         let saved = batch.len();
+        let bytes = self.shared.bytes.load(Ordering::Relaxed);
         batch.push_back(Op::Probe);
         let result = match self.db.clone() {
             Some(db) => contain(|| self.apply(&db, &mut batch, &mut Vec::new())).and_then(|r| r),
@@ -312,7 +301,6 @@ impl Writer {
         match result {
             Ok(()) => {
                 let since = self.failing.take().map(|f| f.since.elapsed());
-                self.recount();
                 self.shared.writable.store(true, Ordering::Relaxed);
                 tracing::info!(
                     after = ?since.unwrap_or_default(),
@@ -321,6 +309,9 @@ impl Writer {
                 );
             }
             Err(e) => {
+                // Nothing was written: the accounting of what was tried
+                // rolls back.
+                self.shared.bytes.store(bytes, Ordering::Relaxed);
                 self.unsaved = kept;
                 self.fail(&e);
             }
@@ -334,24 +325,6 @@ impl Writer {
         rustix::fs::statvfs(dir).map_or(true, |fs| {
             fs.f_bavail.saturating_mul(fs.f_frsize) >= 4 * PROBE_BYTES as u64
         })
-    }
-
-    /// The bytes in use, counted again after writes were lost.
-    fn recount(&self) {
-        let Some(db) = &self.db else { return };
-        let count = || -> Result<u64, SpoolError> {
-            let txn = db.begin_read()?;
-            let mut bytes = 0;
-            for table in [JOBS, DELIVERIES, DEAD] {
-                for entry in txn.open_table(table)?.iter()? {
-                    bytes += entry?.1.value().len() as u64;
-                }
-            }
-            Ok(bytes)
-        };
-        if let Ok(Ok(bytes)) = contain(count) {
-            self.shared.bytes.store(bytes, Ordering::Relaxed);
-        }
     }
 
     /// Applies `batch` in one transaction and commits it. Ops it did not

@@ -317,10 +317,10 @@ async fn a_damaged_spool_file_never_keeps_the_gateway_down() {
             &[("HOOKGATE_LOG__FORMAT", "json"), ("RUST_LOG", "info")],
         )
         .await;
-        let opened = eventually(Duration::from_secs(5), "the spool is opened", || async {
+        eventually(Duration::from_secs(5), "the spool is opened", || async {
             log_line(&gw.log(), "spool opened").is_some()
-        });
-        opened.await;
+        })
+        .await;
         let log = gw.log();
         let pending = log_line(&log, "spool opened").unwrap()["pending"]
             .as_u64()
@@ -440,7 +440,7 @@ async fn undecodable_records_are_quarantined_and_the_rest_delivered() {
     let down = Downstream::start_on(addr, []).await;
     let gw = BinaryGateway::spawn(dir.path(), &path, &[("HOOKGATE_LOG__FORMAT", "json")]).await;
     down.wait_for(8, Duration::from_secs(10)).await;
-    let m = eventually(
+    eventually(
         Duration::from_secs(5),
         "the dead letter is counted",
         || async {
@@ -449,8 +449,8 @@ async fn undecodable_records_are_quarantined_and_the_rest_delivered() {
                 .get("hookgate_dead_letters", "destination=\"down\"")
                 == 1.0
         },
-    );
-    m.await;
+    )
+    .await;
     let metrics = gw.metrics().await;
     assert_eq!(metrics.get("hookgate_spool_quarantined_records", ""), 2.0);
     let admin = |path: &str| {
