@@ -170,7 +170,6 @@ pub fn routes(
                                 "job_id": r.job_id,
                                 "destination": r.destination,
                                 "rule": r.rule,
-                                "url": r.url,
                                 "attempts": r.attempts,
                                 "reason": r.dead_reason,
                                 "last_error": r.last_error,
@@ -194,13 +193,17 @@ pub fn routes(
     let replay = warp::path!("admin" / "dead-letters" / "replay")
         .and(warp::post())
         .and(spooled.clone())
-        .and(warp::query::<FilterQuery>())
-        .then(|spooled: Spooled, q: FilterQuery| async move {
+        .and(warp::query::<ReplayQuery>())
+        .then(|spooled: Spooled, q: ReplayQuery| async move {
             let d = match spooled {
                 Ok(d) => d,
                 Err(refused) => return *refused,
             };
-            match d.replay(q.filter()).await {
+            let filter = DeadFilter {
+                destination: q.destination,
+                job_id: q.job_id,
+            };
+            match d.replay(filter, q.reroute).await {
                 Ok(report) => json_reply(StatusCode::OK, &json!(report)),
                 Err(e) => json_reply(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -274,6 +277,17 @@ struct ListQuery {
     job_id: Option<String>,
     after: Option<u64>,
     limit: Option<usize>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReplayQuery {
+    destination: Option<String>,
+    job_id: Option<String>,
+    /// Route the jobs again through the rules in force, instead of
+    /// sending them to the destination they were dead-lettered for.
+    #[serde(default)]
+    reroute: bool,
 }
 
 #[derive(serde::Deserialize)]

@@ -123,6 +123,10 @@ pub struct DeliveryConfig {
     /// attempts before the sender is told to retry (502/504).
     #[serde(with = "humantime_serde")]
     pub direct_deadline: Duration,
+    /// Durable mode: a destination with deliveries waiting and no success
+    /// for this long is reported at WARN, once, until one goes through.
+    #[serde(with = "humantime_serde")]
+    pub stalled_after: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -248,6 +252,7 @@ impl Default for DeliveryConfig {
             timeout: Duration::from_secs(10),
             max_attempts: 50,
             max_age: Duration::from_secs(72 * 3600),
+            stalled_after: Duration::from_secs(60),
             backoff_initial: Duration::from_secs(1),
             backoff_max: Duration::from_secs(3600),
             concurrency: 64,
@@ -360,6 +365,10 @@ impl Config {
             (
                 !d.direct_deadline.is_zero(),
                 "delivery.direct_deadline must be more than 0s",
+            ),
+            (
+                !d.stalled_after.is_zero(),
+                "delivery.stalled_after must be more than 0s",
             ),
             (
                 self.server.listen != self.admin.listen,

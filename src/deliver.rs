@@ -20,6 +20,7 @@ use crate::backoff::{self, Backoff};
 use crate::client::{Client, ClientError, Response};
 use crate::config::DeliveryConfig;
 use crate::metrics::Metrics;
+use crate::origins::Origin;
 use crate::rules::{Destination, DestinationName, Route};
 use crate::verify::Verified;
 
@@ -174,8 +175,15 @@ pub struct Forwarder {
     defaults: Policy,
     backoff: Backoff,
     metrics: Arc<Metrics>,
-    limits: Arc<Mutex<HashMap<DestinationName, Arc<Semaphore>>>>,
+    /// Direct mode's concurrency limits, per destination and origin.
+    limits: Arc<Mutex<OriginLimits>>,
 }
+
+type OriginLimits = HashMap<(DestinationName, Origin), Arc<Semaphore>>;
+
+/// Direct mode's limits kept at most: beyond, those not in use are
+/// dropped, so that values filling URL templates cannot grow the map.
+const LIMITS_KEPT: usize = 1024;
 
 impl Forwarder {
     pub fn new(config: &DeliveryConfig, metrics: Arc<Metrics>) -> Result<Self, ClientError> {
@@ -209,12 +217,8 @@ impl Forwarder {
         }
     }
 
-    /// The destination's limits; the defaults for one that is no longer
-    /// in the rules (deliveries accepted before a reload removed it).
-    pub fn policy(&self, destination: Option<&Destination>) -> Policy {
-        let Some(d) = destination else {
-            return self.defaults;
-        };
+    /// The destination's limits, its overrides over the defaults.
+    pub fn policy(&self, d: &Destination) -> Policy {
         Policy {
             timeout: d.timeout.unwrap_or(self.defaults.timeout),
             max_attempts: d.max_attempts.unwrap_or(self.defaults.max_attempts),
@@ -226,10 +230,16 @@ impl Forwarder {
         self.backoff
     }
 
-    fn limit(&self, destination: &DestinationName, concurrency: usize) -> Arc<Semaphore> {
+    /// The concurrency limit of the delivery's origin (one per filled-in
+    /// origin of a templated URL, as the lanes have in durable mode).
+    fn limit(&self, delivery: &Delivery, concurrency: usize) -> Arc<Semaphore> {
         let mut limits = self.limits.lock().unwrap_or_else(|p| p.into_inner());
+        if limits.len() >= LIMITS_KEPT {
+            // A limit in use is held by its permits too.
+            limits.retain(|_, limit| Arc::strong_count(limit) > 1);
+        }
         limits
-            .entry(destination.clone())
+            .entry((delivery.destination.clone(), Origin::of(&delivery.url)))
             .or_insert_with(|| Arc::new(Semaphore::new(concurrency)))
             .clone()
     }
@@ -273,7 +283,7 @@ impl Forwarder {
         policy: Policy,
         deadline: Instant,
     ) -> Result<(), Outcome> {
-        let limit = self.limit(&delivery.destination, policy.concurrency);
+        let limit = self.limit(delivery, policy.concurrency);
         let _permit = match tokio::time::timeout_at(deadline, limit.acquire_owned()).await {
             Ok(Ok(permit)) => permit,
             _ => return Err(Outcome::Timeout),

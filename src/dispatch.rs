@@ -1,34 +1,43 @@
 //! Durable delivery: the workers that take pending deliveries out of the
 //! [`Spool`] and forward them, one lane per destination.
 //!
+//! A delivery is *job J to destination D*, by name: every attempt takes
+//! D's URL (its template filled in again from the job's stored query),
+//! headers, timeout, concurrency and attempt limit from the rules in force
+//! at that attempt. Fixing a destination in the rules fixes what is queued
+//! for it; a destination gone from the rules turns its deliveries into
+//! dead letters, replayable once it is back.
+//!
 //! A lane holds only ids and times in memory (the bodies stay on disk), and
 //! only for the first few thousand of its pending deliveries: the rest wait
 //! on disk and are read back in id order as those are delivered, so memory
-//! stays flat through an outage of any length. Each lane has its own
-//! concurrency limit and circuit breaker, so a slow or dead destination
-//! never delays another. Outcomes go back to the spool: done, retry at a
-//! time, or dead letter.
+//! stays flat through an outage of any length. Within a lane each origin
+//! of the destination's URL (one, unless it is templated) has its own
+//! concurrency limit and circuit breaker ([`Origins`]), so a slow or dead
+//! destination, or one tenant's host, never delays another. Outcomes go
+//! back to the spool: done, retry at a time, or dead letter.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use http::{HeaderName, HeaderValue};
 use tokio::runtime::Handle;
-use tokio::sync::{Notify, Semaphore, watch};
+use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::deliver::{Delivery, Forwarder, Outcome};
+use crate::deliver::{Delivery, Forwarder, Outcome, Policy};
+use crate::job::Job;
 use crate::metrics::{Metrics, SPOOL_OPS};
+use crate::origins::{Admit, CircuitEvent, Origin, Origins, Reached};
 use crate::query::Query;
-use crate::rules::{DestinationName, Input, RuleSet, UNROUTED};
-use crate::schedule::{Circuit, Gate, Next, RetryPolicy};
+use crate::rules::{Destination, DestinationName, Input, RuleSet, UNROUTED};
+use crate::schedule::{Next, RetryPolicy};
 use crate::spool::{
-    Accepted, DeadFilter, HELD_PER_DESTINATION, NewJob, OnDisk, ReadBack, Record, Recovered, Spool,
-    SpoolError, StoredJob, unix_ms,
+    Accepted, DeadFilter, HELD_PER_DESTINATION, NewJob, OnDisk, ReadBack, Record, Recovered,
+    Replayed, Spool, SpoolError, StoredJob, unix_ms,
 };
 use crate::throttle::LogThrottle;
 
@@ -44,13 +53,42 @@ fn instant_of(ms: u64) -> Instant {
     }
 }
 
-#[derive(Default)]
+/// The limits of durable delivery that are not per destination.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_age: Duration,
+    /// Deliveries waiting and no success for this long: a WARN line.
+    pub stalled_after: Duration,
+}
+
+/// A delivery held in memory.
+#[derive(Debug)]
+struct Held {
+    first_ms: u64,
+    /// The origin it goes to under the rules with this hash, once known:
+    /// with the same rules, it is admitted or held back without reading
+    /// it from the spool.
+    bound: Option<(u64, Origin)>,
+}
+
+/// What an operator is told about a lane, by transition.
+#[derive(Debug)]
+struct Watch {
+    /// The last success, or when deliveries started waiting.
+    progress: Instant,
+    /// Reported as stalled, not yet delivering again.
+    stalled: bool,
+    /// Since when an outage (an open circuit, a stall) was reported; the
+    /// backlog's draining is reported then.
+    outage: Option<Instant>,
+}
+
 struct LaneState {
     /// Due times of the held deliveries waiting, soonest first.
     due: BinaryHeap<Reverse<(Instant, u64)>>,
-    /// The deliveries held in memory, waiting or in flight, with their
-    /// first-accepted time: about as many as the lane's capacity at most.
-    held: BTreeMap<u64, u64>,
+    /// The deliveries held in memory, waiting or in flight: about as many
+    /// as the lane's capacity at most.
+    held: BTreeMap<u64, Held>,
     /// Pending deliveries in all, held or on disk only.
     queued: usize,
     /// Set while some pending deliveries are on disk only: all those with
@@ -59,41 +97,76 @@ struct LaneState {
     /// While a read-back runs: deliveries offered meanwhile and left on
     /// disk, in case its snapshot came too early to see them.
     reading: Option<Vec<(u64, Instant, u64)>>,
-    circuit: Circuit,
+    origins: Origins,
+    watch: Watch,
 }
 
 impl LaneState {
+    fn new() -> Self {
+        Self {
+            due: BinaryHeap::new(),
+            held: BTreeMap::new(),
+            queued: 0,
+            on_disk_after: None,
+            reading: None,
+            origins: Origins::default(),
+            watch: Watch {
+                progress: Instant::now(),
+                stalled: false,
+                outage: None,
+            },
+        }
+    }
+
     fn hold(&mut self, id: u64, at: Instant, first_ms: u64) {
-        if self.held.insert(id, first_ms).is_none() {
+        if let std::collections::btree_map::Entry::Vacant(slot) = self.held.entry(id) {
+            slot.insert(Held {
+                first_ms,
+                bound: None,
+            });
             self.due.push(Reverse((at, id)));
         }
+    }
+
+    fn count_in(&mut self, n: usize) {
+        if self.queued == 0 {
+            self.watch.progress = Instant::now();
+        }
+        self.queued += n;
     }
 }
 
 /// What a lane's worker does next.
 enum Turn {
-    Deliver(u64),
+    Due(u64),
     /// Few deliveries are held and more wait on disk.
     ReadBack,
     Stop,
+}
+
+/// What forgetting a held delivery changed, for the log.
+#[derive(Debug, Default)]
+struct Forgotten {
+    /// Its origin was retired with its circuit open.
+    event: Option<CircuitEvent>,
+    /// It was the last of a backlog reported as an outage, this long ago.
+    drained: Option<Duration>,
 }
 
 struct Lane {
     name: DestinationName,
     state: Mutex<LaneState>,
     wake: Notify,
-    permits: Arc<Semaphore>,
     /// How many deliveries it holds in memory before leaving them on disk.
     capacity: usize,
 }
 
 impl Lane {
-    fn new(name: DestinationName, concurrency: usize, capacity: usize) -> Self {
+    fn new(name: DestinationName, capacity: usize) -> Self {
         Self {
             name,
-            state: Mutex::new(LaneState::default()),
+            state: Mutex::new(LaneState::new()),
             wake: Notify::new(),
-            permits: Arc::new(Semaphore::new(concurrency)),
             capacity,
         }
     }
@@ -106,7 +179,7 @@ impl Lane {
     /// left on disk when the lane holds enough.
     fn offer(&self, id: u64, at: Instant, first_ms: u64) {
         let mut state = self.lock();
-        state.queued += 1;
+        state.count_in(1);
         match state.on_disk_after {
             Some(after) if id > after => {
                 if let Some(meanwhile) = &mut state.reading {
@@ -132,7 +205,7 @@ impl Lane {
     /// Deliveries that were pending at start-up beyond those held.
     fn left_on_disk(&self, on_disk: OnDisk) {
         let mut state = self.lock();
-        state.queued += on_disk.count;
+        state.count_in(on_disk.count);
         state.on_disk_after = Some(on_disk.first - 1);
     }
 
@@ -143,11 +216,62 @@ impl Lane {
     }
 
     /// A held delivery that is no longer pending.
-    fn forget(&self, id: u64) {
+    fn forget(&self, id: u64) -> Forgotten {
         let mut state = self.lock();
-        if state.held.remove(&id).is_some() {
-            state.queued = state.queued.saturating_sub(1);
+        let Some(held) = state.held.remove(&id) else {
+            return Forgotten::default();
+        };
+        state.queued = state.queued.saturating_sub(1);
+        let mut forgotten = Forgotten {
+            event: held
+                .bound
+                .and_then(|(_, origin)| state.origins.unbind(&origin)),
+            drained: None,
+        };
+        if state.queued == 0 {
+            state.watch.stalled = false;
+            forgotten.drained = state.watch.outage.take().map(|since| since.elapsed());
         }
+        forgotten
+    }
+
+    /// The origin delivery `id` is bound to under the rules with `hash`.
+    fn bound(&self, id: u64, hash: u64) -> Option<Origin> {
+        let state = self.lock();
+        match &state.held.get(&id)?.bound {
+            Some((h, origin)) if *h == hash => Some(origin.clone()),
+            _ => None,
+        }
+    }
+
+    /// Binds delivery `id` to `origin` under the rules with `hash`.
+    fn bind(&self, id: u64, hash: u64, origin: &Origin) -> Option<CircuitEvent> {
+        let mut state = self.lock();
+        let LaneState { held, origins, .. } = &mut *state;
+        let held = held.get_mut(&id)?;
+        let before = held.bound.replace((hash, origin.clone()));
+        origins.bind(origin);
+        before.and_then(|(_, before)| origins.unbind(&before))
+    }
+
+    /// The rules changed: what the origins held back, and (with `now`)
+    /// everything waiting for a retry, is looked at again at once.
+    fn revisit(&self, everything_now: bool) {
+        let mut state = self.lock();
+        let now = Instant::now();
+        let released = state.origins.release_waiting();
+        if everything_now {
+            let due = std::mem::take(&mut state.due);
+            state.due = due
+                .into_iter()
+                .map(|Reverse((at, id))| Reverse((at.min(now), id)))
+                .collect();
+        }
+        state
+            .due
+            .extend(released.into_iter().map(|id| Reverse((now, id))));
+        drop(state);
+        self.wake.notify_one();
     }
 
     /// Where a read-back starts and how much it may bring; `None` if
@@ -189,7 +313,8 @@ impl Lane {
         self.wake.notify_one();
     }
 
-    /// Waits for a delivery that is due and that the circuit lets through.
+    /// Waits for a delivery that is due. Whether its origin takes it now
+    /// is decided next ([`Origins::admit`]).
     async fn next(&self, stop: &CancellationToken) -> Turn {
         loop {
             let notified = self.wake.notified();
@@ -198,18 +323,13 @@ impl Lane {
                 if state.on_disk_after.is_some() && state.held.len() <= self.capacity / 2 {
                     return Turn::ReadBack;
                 }
-                let now = Instant::now();
                 match state.due.peek().map(|Reverse((at, id))| (*at, *id)) {
                     None => None,
-                    Some((at, _)) if at > now => Some(at),
-                    Some((_, id)) => match state.circuit.gate(now) {
-                        Gate::Pass => {
-                            state.due.pop();
-                            return Turn::Deliver(id);
-                        }
-                        Gate::WaitUntil(until) => Some(until),
-                        Gate::WaitForProbe => None,
-                    },
+                    Some((at, _)) if at > Instant::now() => Some(at),
+                    Some((_, id)) => {
+                        state.due.pop();
+                        return Turn::Due(id);
+                    }
                 }
             };
             let sleep = async {
@@ -227,12 +347,32 @@ impl Lane {
     }
 }
 
+/// A delivery read from the spool and made into a request with the rules
+/// in force.
+struct Prepared {
+    record: Record,
+    delivery: Delivery,
+    origin: Origin,
+}
+
 /// What a replay did.
 #[derive(Debug, Default, serde::Serialize)]
-pub struct Replayed {
+pub struct ReplayReport {
+    /// Dead letters pending again for the same destination.
     pub replayed: usize,
+    /// Dead letters whose jobs the rules in force routed again.
     pub rerouted: usize,
+    /// Dead letters left as they were: the rules in force route their
+    /// jobs nowhere.
     pub still_unrouted: usize,
+}
+
+/// The reason of a dead letter whose destination left the rules.
+fn removed_reason(destination: &str) -> String {
+    format!(
+        "destination_removed: {destination:?} is not in the rules in force; \
+         replay once it is back, or replay with reroute=true"
+    )
 }
 
 pub struct Dispatcher {
@@ -240,7 +380,7 @@ pub struct Dispatcher {
     forwarder: Arc<Forwarder>,
     metrics: Arc<Metrics>,
     rules: watch::Receiver<Arc<RuleSet>>,
-    max_age: Duration,
+    limits: Limits,
     lanes: Mutex<HashMap<DestinationName, Arc<Lane>>>,
     dead: Mutex<HashMap<String, i64>>,
     stop: CancellationToken,
@@ -251,8 +391,9 @@ pub struct Dispatcher {
     runtime: Handle,
     /// Lets the lanes' thread end once they have.
     lanes_done: CancellationToken,
-    /// While the spool cannot be read, every held delivery fails to load
-    /// in turn: one line per period, not one per delivery.
+    /// Bursts of the same event (a spool that cannot be read, many
+    /// circuits or dead letters at once) are one line per period and
+    /// destination, with the count of those left out.
     warnings: LogThrottle,
 }
 
@@ -263,7 +404,7 @@ impl Dispatcher {
         forwarder: Arc<Forwarder>,
         metrics: Arc<Metrics>,
         rules: watch::Receiver<Arc<RuleSet>>,
-        max_age: Duration,
+        limits: Limits,
     ) -> std::io::Result<Arc<Self>> {
         metrics.register_spool();
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -275,12 +416,12 @@ impl Dispatcher {
         std::thread::Builder::new()
             .name("hookgate-lanes".into())
             .spawn(move || runtime.block_on(done.cancelled()))?;
-        Ok(Arc::new(Self {
+        let dispatcher = Arc::new(Self {
             spool,
             forwarder,
             metrics,
             rules,
-            max_age,
+            limits,
             lanes: Mutex::new(HashMap::new()),
             dead: Mutex::new(HashMap::new()),
             stop: CancellationToken::new(),
@@ -288,7 +429,12 @@ impl Dispatcher {
             runtime: handle,
             lanes_done,
             warnings: LogThrottle::new(Duration::from_secs(10)),
-        }))
+        });
+        let me = dispatcher.clone();
+        dispatcher
+            .tasks
+            .spawn_on(async move { me.watch().await }, &dispatcher.runtime);
+        Ok(dispatcher)
     }
 
     pub fn spool(&self) -> &Spool {
@@ -325,14 +471,8 @@ impl Dispatcher {
         if let Some(lane) = lanes.get(destination) {
             return lane.clone();
         }
-        let rules = self.rules.borrow().clone();
-        let concurrency = self
-            .forwarder
-            .policy(rules.destination(destination))
-            .concurrency;
         let lane = Arc::new(Lane::new(
             DestinationName::from(destination),
-            concurrency,
             HELD_PER_DESTINATION,
         ));
         lanes.insert(lane.name.clone(), lane.clone());
@@ -342,6 +482,15 @@ impl Dispatcher {
         lane
     }
 
+    fn all_lanes(&self) -> Vec<Arc<Lane>> {
+        self.lanes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
     fn enqueue(self: &Arc<Self>, id: u64, record: &Record) {
         self.lane(&record.destination)
             .offer(id, instant_of(record.next_ms), record.first_ms);
@@ -349,27 +498,130 @@ impl Dispatcher {
 
     async fn run_lane(self: Arc<Self>, lane: Arc<Lane>) {
         loop {
-            let permit = tokio::select! {
-                permit = lane.permits.clone().acquire_owned() => match permit {
-                    Ok(p) => p,
-                    Err(_) => return,
-                },
-                () = self.stop.cancelled() => return,
-            };
-            let id = match lane.next(&self.stop).await {
-                Turn::Deliver(id) => id,
-                Turn::ReadBack => {
-                    self.read_back(&lane).await;
-                    continue;
-                }
+            match lane.next(&self.stop).await {
+                Turn::Due(id) => self.dispatch(&lane, id),
+                Turn::ReadBack => self.read_back(&lane).await,
                 Turn::Stop => return,
-            };
-            let (me, lane) = (self.clone(), lane.clone());
-            self.tasks.spawn(async move {
-                me.attempt(&lane, id).await;
-                drop(permit);
-                lane.wake.notify_one();
-            });
+            }
+        }
+    }
+
+    /// Follows the rules as they change, and reports stalled lanes. A
+    /// reload that removes a destination, or changes its URL or headers,
+    /// has its lane look at every delivery at once (dead letters for a
+    /// destination gone, the new URL for one fixed); any other reload lets
+    /// what the origins held back be looked at again.
+    async fn watch(self: Arc<Self>) {
+        let mut rules = self.rules.clone();
+        let mut before = rules.borrow_and_update().clone();
+        let mut tick = tokio::time::interval(
+            (self.limits.stalled_after / 4).clamp(Duration::from_millis(100), Duration::from_secs(5)),
+        );
+        loop {
+            tokio::select! {
+                changed = rules.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let now = rules.borrow_and_update().clone();
+                    for lane in self.all_lanes() {
+                        let name = lane.name.as_str();
+                        let everything_now = match (before.destination(name), now.destination(name)) {
+                            (Some(was), Some(is)) => !same_target(was, is),
+                            _ => true,
+                        };
+                        lane.revisit(everything_now);
+                    }
+                    before = now;
+                }
+                _ = tick.tick() => self.check_stalls(),
+                () = self.stop.cancelled() => return,
+            }
+        }
+    }
+
+    /// Reports, once, each lane whose deliveries wait with no success for
+    /// longer than `stalled_after`.
+    fn check_stalls(&self) {
+        let now = Instant::now();
+        for lane in self.all_lanes() {
+            let mut state = lane.lock();
+            let waited = now.saturating_duration_since(state.watch.progress);
+            if state.queued == 0 || state.watch.stalled || waited < self.limits.stalled_after {
+                continue;
+            }
+            state.watch.stalled = true;
+            state.watch.outage.get_or_insert(now);
+            let oldest = state
+                .held
+                .first_key_value()
+                .map_or(0, |(_, h)| unix_ms().saturating_sub(h.first_ms) / 1000);
+            tracing::warn!(
+                destination = %lane.name,
+                waiting = state.queued,
+                oldest_seconds = oldest,
+                open_origins = state.origins.open(),
+                "no delivery to this destination succeeded for {} while deliveries wait",
+                humantime::format_duration(Duration::from_secs(waited.as_secs()))
+            );
+        }
+    }
+
+    /// A delivery is due: its destination and origin in the rules in force
+    /// decide whether it starts now, waits, or is a dead letter.
+    fn dispatch(self: &Arc<Self>, lane: &Arc<Lane>, id: u64) {
+        let rules = self.rules.borrow().clone();
+        let Some(destination) = rules.destination(lane.name.as_str()) else {
+            self.remove(lane, id);
+            return;
+        };
+        let policy = self.forwarder.policy(destination);
+        let (origin, mut prepared) = match lane.bound(id, rules.hash) {
+            Some(origin) => (origin, None),
+            None => {
+                let Some(p) = self.prepare(lane, id, &rules, destination) else {
+                    return;
+                };
+                if let Some(event) = lane.bind(id, rules.hash, &p.origin) {
+                    self.announce(lane, event);
+                }
+                (p.origin.clone(), Some(p))
+            }
+        };
+        let admitted = lane
+            .lock()
+            .origins
+            .admit(&origin, id, policy.concurrency, Instant::now());
+        match admitted {
+            Admit::Start => {}
+            Admit::WaitUntil(at) => return lane.retry(id, at),
+            Admit::Queued => return,
+        }
+        if prepared.is_none() {
+            prepared = self.prepare(lane, id, &rules, destination);
+        }
+        drop(rules);
+        let Some(prepared) = prepared else {
+            // Nothing reached the origin: if this was its circuit's probe,
+            // the next delivery probes instead.
+            self.finished(lane, &origin, Reached::Nothing, policy.concurrency);
+            return;
+        };
+        let (me, lane) = (self.clone(), lane.clone());
+        self.tasks.spawn(async move {
+            me.attempt(&lane, id, prepared, policy).await;
+        });
+    }
+
+    /// A due delivery whose destination is no longer in the rules.
+    fn remove(&self, lane: &Lane, id: u64) {
+        match self.spool.load(id) {
+            Ok(Some((record, _))) => {
+                self.forget(lane, id);
+                self.bury(id, record, removed_reason(lane.name.as_str()));
+            }
+            Ok(None) => self.forget(lane, id),
+            Err(e) => self.unreadable(lane, id, &e),
         }
     }
 
@@ -393,33 +645,44 @@ impl Dispatcher {
         }
     }
 
-    /// The delivery's record and request, read from the spool; `None`
-    /// when there is nothing to send (gone, unreadable for now, or
-    /// undecodable: dead-lettered).
-    fn prepare(&self, lane: &Lane, id: u64) -> Option<(Record, Delivery)> {
+    /// The spool cannot be read right now: try again later rather than
+    /// lose track of the delivery.
+    fn unreadable(&self, lane: &Lane, id: u64, e: &SpoolError) {
+        if let Some(left_out) = self.warnings.allow("load", Instant::now()) {
+            tracing::error!(
+                id,
+                destination = %lane.name,
+                similar_left_out = left_out,
+                "cannot load a delivery, retrying in 5 s: {e}"
+            );
+        }
+        lane.retry(id, Instant::now() + Duration::from_secs(5));
+    }
+
+    /// The delivery's record, read from the spool, and its request, made
+    /// with the rules in force; `None` when there is nothing to send (gone,
+    /// unreadable for now, or a dead letter: undecodable, or its URL
+    /// template no longer fills in).
+    fn prepare(
+        &self,
+        lane: &Lane,
+        id: u64,
+        rules: &RuleSet,
+        destination: &Destination,
+    ) -> Option<Prepared> {
         let (record, job) = match self.spool.load(id) {
             Ok(Some(found)) => found,
             Ok(None) => {
-                lane.forget(id);
+                self.forget(lane, id);
                 return None;
             }
             Err(e) => {
-                // The spool cannot be read right now: try again later
-                // rather than lose track of the delivery.
-                if let Some(left_out) = self.warnings.allow("load", Instant::now()) {
-                    tracing::error!(
-                        id,
-                        destination = %lane.name,
-                        similar_left_out = left_out,
-                        "cannot load a delivery, retrying in 5 s: {e}"
-                    );
-                }
-                lane.retry(id, Instant::now() + Duration::from_secs(5));
+                self.unreadable(lane, id, &e);
                 return None;
             }
         };
         let Some(job) = job else {
-            lane.forget(id);
+            self.forget(lane, id);
             self.bury(
                 id,
                 record,
@@ -428,37 +691,39 @@ impl Dispatcher {
             );
             return None;
         };
-        let delivery = match delivery_of(&lane.name, &record, job) {
-            Ok(d) => d,
+        match request(rules, destination, &record, job) {
+            Ok(delivery) => Some(Prepared {
+                origin: Origin::of(&delivery.url),
+                record,
+                delivery,
+            }),
             Err(reason) => {
-                lane.forget(id);
+                self.forget(lane, id);
                 self.bury(id, record, reason);
-                return None;
+                None
             }
-        };
-        Some((record, delivery))
+        }
     }
 
-    async fn attempt(&self, lane: &Lane, id: u64) {
-        let Some((mut record, delivery)) = self.prepare(lane, id) else {
-            // Nothing reached the destination: if this was the circuit's
-            // probe, the next attempt probes instead.
-            lane.lock().circuit.released();
-            return;
-        };
-        let rules = self.rules.borrow().clone();
-        let policy = self
-            .forwarder
-            .policy(rules.destination(&record.destination));
-        drop(rules);
+    async fn attempt(&self, lane: &Lane, id: u64, prepared: Prepared, policy: Policy) {
+        let Prepared {
+            mut record,
+            delivery,
+            origin,
+        } = prepared;
         let outcome = self.forwarder.attempt(&delivery, policy.timeout).await;
         let now = Instant::now();
         record.attempts += 1;
         record.last_attempt_ms = Some(unix_ms());
+        let reached = match outcome {
+            Outcome::Delivered(_) | Outcome::Refused(_) => Reached::Alive,
+            _ => Reached::Failed,
+        };
+        self.finished(lane, &origin, reached, policy.concurrency);
         match &outcome {
             Outcome::Delivered(_) => {
-                lane.lock().circuit.alive();
-                lane.forget(id);
+                self.progressed(lane);
+                self.forget(lane, id);
                 self.metrics
                     .deliveries
                     .with_label_values(&[lane.name.as_str(), "delivered"])
@@ -469,18 +734,16 @@ impl Dispatcher {
             }
             Outcome::Refused(status) => {
                 // The destination is up; it is the job it will not take.
-                lane.lock().circuit.alive();
-                lane.forget(id);
+                self.forget(lane, id);
                 record.last_error = Some(outcome.to_string());
                 self.bury(id, record, format!("refused with {status}"));
             }
             failed => {
-                lane.lock().circuit.failed(now);
                 record.last_error = Some(failed.to_string());
                 let retry = RetryPolicy {
                     backoff: self.forwarder.backoff(),
                     max_attempts: policy.max_attempts,
-                    max_age: self.max_age,
+                    max_age: self.limits.max_age,
                 };
                 match retry.after_failure(
                     record.attempts,
@@ -492,7 +755,7 @@ impl Dispatcher {
                     Next::RetryAt(at) => {
                         record.next_ms =
                             unix_ms() + at.saturating_duration_since(now).as_millis() as u64;
-                        tracing::debug!(id, destination = %lane.name, attempts = record.attempts, "{failed}; retrying in {:?}", at - now);
+                        tracing::debug!(id, destination = %lane.name, %origin, attempts = record.attempts, "{failed}; retrying in {:?}", at - now);
                         if let Err(e) = self.spool.update(id, record.clone()).await {
                             // Still retried: at worst the attempt is not counted.
                             tracing::error!(id, "cannot record a failed attempt: {e}");
@@ -500,7 +763,7 @@ impl Dispatcher {
                         lane.retry(id, at);
                     }
                     Next::GiveUp(reason) => {
-                        lane.forget(id);
+                        self.forget(lane, id);
                         self.bury(id, record, reason.to_string());
                     }
                 }
@@ -508,15 +771,112 @@ impl Dispatcher {
         }
     }
 
+    /// An attempt that its origin admitted ended: what the origin held
+    /// back goes now or later.
+    fn finished(&self, lane: &Lane, origin: &Origin, reached: Reached, limit: usize) {
+        let now = Instant::now();
+        let finished = lane.lock().origins.finish(origin, reached, limit, now);
+        for id in finished.now {
+            lane.retry(id, now);
+        }
+        if let Some((at, ids)) = finished.later {
+            for id in ids {
+                lane.retry(id, at);
+            }
+        }
+        if let Some(event) = finished.event {
+            self.announce(lane, event);
+        }
+    }
+
+    /// A delivery succeeded: a stalled lane is delivering again.
+    fn progressed(&self, lane: &Lane) {
+        let mut state = lane.lock();
+        state.watch.progress = Instant::now();
+        if std::mem::take(&mut state.watch.stalled) {
+            tracing::info!(
+                destination = %lane.name,
+                waiting = state.queued,
+                "deliveries to this destination succeed again"
+            );
+        }
+    }
+
+    /// Forgets a held delivery, telling what that changed.
+    fn forget(&self, lane: &Lane, id: u64) {
+        let forgotten = lane.forget(id);
+        if let Some(event) = forgotten.event {
+            self.announce(lane, event);
+        }
+        if let Some(after) = forgotten.drained {
+            tracing::info!(
+                destination = %lane.name,
+                "backlog drained: nothing is waiting for this destination any more, {} after \
+                 the outage was reported",
+                humantime::format_duration(Duration::from_secs(after.as_secs()))
+            );
+        }
+    }
+
+    /// Logs a circuit's change, once per transition, at most one line per
+    /// destination and kind every 10 s.
+    fn announce(&self, lane: &Lane, event: CircuitEvent) {
+        let key = match &event {
+            CircuitEvent::Opened { .. } => "circuit_opened",
+            CircuitEvent::Closed { .. } => "circuit_closed",
+        };
+        if let CircuitEvent::Opened { .. } = event {
+            lane.lock().watch.outage.get_or_insert_with(Instant::now);
+        }
+        let Some(left_out) = self
+            .warnings
+            .allow(&format!("{key}:{}", lane.name), Instant::now())
+        else {
+            return;
+        };
+        match event {
+            CircuitEvent::Opened {
+                origin,
+                failures,
+                cooldown,
+            } => tracing::warn!(
+                destination = %lane.name,
+                %origin,
+                consecutive_failures = failures,
+                cooldown = %humantime::format_duration(cooldown),
+                similar_left_out = left_out,
+                "circuit opened: deliveries to this origin wait, without spending attempts, \
+                 until a probe after the cool-down succeeds"
+            ),
+            CircuitEvent::Closed { origin, answered } => tracing::warn!(
+                destination = %lane.name,
+                %origin,
+                similar_left_out = left_out,
+                "circuit closed: {}",
+                if answered {
+                    "the origin answers again"
+                } else {
+                    "no delivery is left for this origin"
+                }
+            ),
+        }
+    }
+
     fn bury(&self, id: u64, mut record: Record, reason: String) {
-        tracing::warn!(
-            id,
-            job_id = %record.job_id,
-            destination = %record.destination,
-            attempts = record.attempts,
-            last_error = record.last_error.as_deref().unwrap_or_default(),
-            "dead letter: {reason}"
-        );
+        if let Some(left_out) = self
+            .warnings
+            .allow(&format!("dead_letter:{}", record.destination), Instant::now())
+        {
+            tracing::warn!(
+                id,
+                job_id = %record.job_id,
+                destination = %record.destination,
+                attempts = record.attempts,
+                last_error = record.last_error.as_deref().unwrap_or_default(),
+                similar_left_out = left_out,
+                "dead letter: {reason}"
+            );
+        }
         record.dead_reason = Some(reason);
         record.dead_ms = Some(unix_ms());
         self.buried(&record);
@@ -527,12 +887,7 @@ impl Dispatcher {
 
     /// Counts a new dead letter.
     fn buried(&self, record: &Record) {
-        *self
-            .dead
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(record.destination.clone())
-            .or_default() += 1;
+        self.count_dead(&record.destination, 1);
         if record.destination != UNROUTED {
             self.metrics
                 .deliveries
@@ -541,35 +896,55 @@ impl Dispatcher {
         }
     }
 
-    /// Puts matching dead letters back in the queue; unrouted ones are
-    /// routed again by the rules in force now.
-    pub async fn replay(self: &Arc<Self>, filter: DeadFilter) -> Result<Replayed, SpoolError> {
-        let mut report = Replayed::default();
-        for (id, record) in self.spool.replay(filter).await? {
-            if record.destination == UNROUTED {
-                if self.reroute(id, &record).await? {
-                    report.rerouted += 1;
-                } else {
-                    report.still_unrouted += 1;
+    /// Puts matching dead letters back in the queue, for the same
+    /// destination (whose rules in force then apply). Unrouted ones, and
+    /// with `reroute` all of them, have their jobs routed again by the
+    /// rules in force now.
+    pub async fn replay(
+        self: &Arc<Self>,
+        filter: DeadFilter,
+        reroute: bool,
+    ) -> Result<ReplayReport, SpoolError> {
+        let mut report = ReplayReport::default();
+        let mut to_route: BTreeMap<u64, Vec<(u64, Record)>> = BTreeMap::new();
+        for replayed in self.spool.replay(filter, reroute).await? {
+            match replayed {
+                Replayed::Pending(id, record) => {
+                    self.count_dead(&record.destination, -1);
+                    self.enqueue(id, &record);
+                    report.replayed += 1;
                 }
-                continue;
+                Replayed::ToRoute(id, record) => {
+                    to_route.entry(record.job).or_default().push((id, record));
+                }
             }
-            self.count_dead(&record.destination, -1);
-            self.enqueue(id, &record);
-            report.replayed += 1;
+        }
+        for (job, dead) in to_route {
+            let n = dead.len();
+            if self.reroute(job, dead).await? {
+                report.rerouted += n;
+            } else {
+                report.still_unrouted += n;
+            }
         }
         Ok(report)
     }
 
-    async fn reroute(self: &Arc<Self>, dead_id: u64, record: &Record) -> Result<bool, SpoolError> {
-        let Some(job) = self.spool.job(record.job)? else {
+    /// Routes job `job` again, in place of its dead letters `dead`; false
+    /// (and nothing changed) when the rules route it nowhere.
+    async fn reroute(
+        self: &Arc<Self>,
+        job: u64,
+        dead: Vec<(u64, Record)>,
+    ) -> Result<bool, SpoolError> {
+        let Some(stored) = self.spool.job(job)? else {
             return Ok(false);
         };
         let rules = self.rules.borrow().clone();
-        let Ok(parsed) = crate::job::Job::from_bytes(&job.body) else {
+        let Ok(parsed) = Job::from_bytes(&stored.body) else {
             return Ok(false);
         };
-        let query = Query::new(job.query.as_deref(), parsed.callback_url.as_deref());
+        let query = Query::new(stored.query.as_deref(), parsed.callback_url.as_deref());
         let decision = rules.decide(Input {
             job: &parsed,
             query: &query,
@@ -577,15 +952,17 @@ impl Dispatcher {
         if decision.is_unrouted() {
             return Ok(false);
         }
-        let now = unix_ms();
-        let records = records_for(&decision, &parsed.job_id, now);
-        let (pending, dead) = self.spool.reroute(dead_id, record.job, records).await?;
-        self.count_dead(UNROUTED, -1);
-        for (id, r) in &pending {
-            self.enqueue(*id, r);
+        let records = records_for(&decision, &parsed.job_id, unix_ms());
+        let ids = dead.iter().map(|(id, _)| *id).collect();
+        let (pending, buried) = self.spool.reroute(ids, job, records).await?;
+        for (_, record) in &dead {
+            self.count_dead(&record.destination, -1);
         }
-        for r in &dead {
-            self.buried(r);
+        for (id, record) in &pending {
+            self.enqueue(*id, record);
+        }
+        for record in &buried {
+            self.buried(record);
         }
         Ok(true)
     }
@@ -606,16 +983,11 @@ impl Dispatcher {
     }
 
     /// Sets the queue, age, circuit and dead-letter gauges (on scrape).
+    /// `hookgate_circuit_open` is the number of the destination's origins
+    /// whose circuit is open: per destination, never per host.
     pub fn refresh_gauges(&self) {
         let now_ms = unix_ms();
-        let lanes: Vec<Arc<Lane>> = self
-            .lanes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
-        for lane in lanes {
+        for lane in self.all_lanes() {
             let state = lane.lock();
             let name = lane.name.as_str();
             self.metrics
@@ -625,7 +997,7 @@ impl Dispatcher {
             let oldest = state
                 .held
                 .first_key_value()
-                .map_or(0, |(_, first)| now_ms.saturating_sub(*first));
+                .map_or(0, |(_, held)| now_ms.saturating_sub(held.first_ms));
             self.metrics
                 .queue_oldest_age
                 .with_label_values(&[name])
@@ -633,7 +1005,7 @@ impl Dispatcher {
             self.metrics
                 .circuit_open
                 .with_label_values(&[name])
-                .set(i64::from(state.circuit.is_open()));
+                .set(state.origins.open() as i64);
         }
         let health = self.spool.health();
         let spool = &self.metrics.spool;
@@ -674,6 +1046,12 @@ impl Dispatcher {
     }
 }
 
+/// Whether two versions of a destination send to the same place the same
+/// way: otherwise a reload retries its waiting deliveries at once.
+fn same_target(a: &Destination, b: &Destination) -> bool {
+    a.url.source() == b.url.source() && a.headers == b.headers
+}
+
 /// The spool records for a routing decision: one per destination, dead at
 /// once when its URL cannot be filled in, one `unrouted` dead letter when no
 /// rule matched, none when a rule dropped the job.
@@ -682,24 +1060,21 @@ pub fn records_for(
     job_id: &str,
     now_ms: u64,
 ) -> Vec<Record> {
-    let record =
-        |destination: &str, rule: &str, url: String, headers: Vec<(String, String)>| Record {
-            job: 0,
-            job_id: job_id.to_owned(),
-            destination: destination.to_owned(),
-            rule: rule.to_owned(),
-            url,
-            headers,
-            attempts: 0,
-            first_ms: now_ms,
-            next_ms: now_ms,
-            last_attempt_ms: None,
-            last_error: None,
-            dead_reason: None,
-            dead_ms: None,
-        };
+    let record = |destination: &str, rule: &str| Record {
+        job: 0,
+        job_id: job_id.to_owned(),
+        destination: destination.to_owned(),
+        rule: rule.to_owned(),
+        attempts: 0,
+        first_ms: now_ms,
+        next_ms: now_ms,
+        last_attempt_ms: None,
+        last_error: None,
+        dead_reason: None,
+        dead_ms: None,
+    };
     if decision.is_unrouted() {
-        let mut r = record(UNROUTED, UNROUTED, String::new(), Vec::new());
+        let mut r = record(UNROUTED, UNROUTED);
         r.dead_reason = Some("unrouted: no rule matched; replay once the rules route it".into());
         r.dead_ms = Some(now_ms);
         return vec![r];
@@ -708,51 +1083,47 @@ pub fn records_for(
         .routes
         .iter()
         .map(|route| {
-            let headers = route
-                .headers()
-                .map(|(n, v)| {
-                    (
-                        n.to_string(),
-                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                    )
-                })
-                .collect();
-            let name = route.destination.name.as_str();
-            match &route.url {
-                Ok(url) => record(name, route.rule.name.as_str(), url.to_string(), headers),
-                Err(e) => {
-                    let mut r = record(name, route.rule.name.as_str(), String::new(), headers);
-                    r.dead_reason = Some(format!("not forwarded: {e}"));
-                    r.dead_ms = Some(now_ms);
-                    r
-                }
+            let mut r = record(route.destination.name.as_str(), route.rule.name.as_str());
+            if let Err(e) = &route.url {
+                r.dead_reason = Some(format!("not forwarded: {e}"));
+                r.dead_ms = Some(now_ms);
             }
+            r
         })
         .collect()
 }
 
-/// Rebuilds the HTTP request of a stored delivery.
-fn delivery_of(
-    destination: &DestinationName,
+/// The HTTP request of a stored delivery under the rules in force: the
+/// destination's URL, filled in from the job's query, its headers and
+/// those of the rule that routed the job (if it still exists). `Err` is
+/// the dead letter's reason.
+fn request(
+    rules: &RuleSet,
+    destination: &Destination,
     record: &Record,
     job: StoredJob,
 ) -> Result<Delivery, String> {
-    let url = http::Uri::try_from(record.url.as_str())
-        .map_err(|e| format!("stored URL {:?} is invalid: {e}", record.url))?;
-    let headers = record.headers.iter().filter_map(|(n, v)| {
-        Some((
-            HeaderName::from_bytes(n.as_bytes()).ok()?,
-            HeaderValue::from_str(v).ok()?,
-        ))
-    });
+    let url = if destination.url.is_templated() {
+        let parsed = Job::from_bytes(&job.body)
+            .map_err(|e| format!("not forwarded: the stored webhook does not parse: {e}"))?;
+        let query = Query::new(job.query.as_deref(), parsed.callback_url.as_deref());
+        destination.url.resolve(&query)
+    } else {
+        destination.url.resolve(&Query::default())
+    }
+    .map_err(|e| format!("not forwarded: {e}"))?;
+    let rule_headers = rules
+        .rule(&record.rule)
+        .map(|rule| rule.headers.as_slice())
+        .unwrap_or_default();
     let signature = job
         .signature
         .as_ref()
-        .and_then(|s| HeaderValue::from_bytes(s).ok());
+        .and_then(|s| http::HeaderValue::from_bytes(s).ok());
     Ok(Delivery::build(
-        destination.clone(),
+        destination.name.clone(),
         url,
-        headers,
+        destination.headers.iter().chain(rule_headers).cloned(),
         &record.rule,
         &record.job_id,
         signature,
@@ -765,7 +1136,7 @@ mod tests {
     use super::*;
 
     fn lane(capacity: usize) -> Lane {
-        Lane::new(DestinationName::from("d"), 1, capacity)
+        Lane::new(DestinationName::from("d"), capacity)
     }
 
     fn offer_all(lane: &Lane, ids: impl IntoIterator<Item = u64>) {
@@ -778,7 +1149,7 @@ mod tests {
     /// As the worker does with a delivery: takes it, then forgets it.
     fn deliver(lane: &Lane, id: u64) {
         lane.lock().due.retain(|Reverse((_, due))| *due != id);
-        lane.forget(id);
+        let _ = lane.forget(id);
     }
 
     fn held(lane: &Lane) -> Vec<u64> {
@@ -791,8 +1162,6 @@ mod tests {
             job_id: format!("j{id}"),
             destination: "d".into(),
             rule: "r".into(),
-            url: "http://d/".into(),
-            headers: Vec::new(),
             attempts: 0,
             first_ms: id,
             next_ms: 0,
@@ -890,10 +1259,10 @@ mod tests {
         let lane = lane(4);
         let stop = CancellationToken::new();
         offer_all(&lane, 1..=6);
-        assert!(matches!(lane.next(&stop).await, Turn::Deliver(1)));
-        lane.forget(1);
-        assert!(matches!(lane.next(&stop).await, Turn::Deliver(2)));
-        lane.forget(2);
+        assert!(matches!(lane.next(&stop).await, Turn::Due(1)));
+        let _ = lane.forget(1);
+        assert!(matches!(lane.next(&stop).await, Turn::Due(2)));
+        let _ = lane.forget(2);
         assert!(matches!(lane.next(&stop).await, Turn::ReadBack));
     }
 }

@@ -333,7 +333,7 @@ impl Gateway {
         for route in &decision.routes {
             match &route.url {
                 Ok(url) => {
-                    let policy = forwarder.policy(Some(route.destination));
+                    let policy = forwarder.policy(route.destination);
                     deliveries.push((Delivery::new(verified, &job_id, route, url.clone()), policy));
                 }
                 // Logged when routed.

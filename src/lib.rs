@@ -16,8 +16,10 @@
 //! - [`deliver`]: HTTP attempts to destinations, classified and retried
 //!   with [`backoff`], made by the lean HTTP/1.1 [`client`].
 //! - [`spool`]: the crash-safe on-disk queue (redb, group commit);
-//!   [`dispatch`]: the per-destination workers that drain it, deciding
-//!   with [`schedule`] when to retry and when to give up.
+//!   [`dispatch`]: the per-destination workers that drain it, with the
+//!   rules in force at each attempt, deciding with [`schedule`] when to
+//!   retry and when to give up, and with [`origins`] which origin of a
+//!   destination may take an attempt now.
 //! - [`metrics`]: the Prometheus registry everything above reports to.
 //! - [`reload`]: watches the rules file and publishes each valid version
 //!   whole.
@@ -39,6 +41,7 @@ pub mod dispatch;
 pub mod gateway;
 pub mod job;
 pub mod metrics;
+pub mod origins;
 pub mod query;
 pub mod reload;
 pub mod rules;
@@ -288,6 +291,13 @@ fn open_spool(
             "a spool record could not be decoded: it was quarantined (GET /admin/quarantine)"
         );
     }
+    if recovered.migrated > 0 {
+        tracing::info!(
+            records = recovered.migrated,
+            "spool records migrated to the current format: deliveries now take their \
+             destination's URL and headers from the rules at each attempt"
+        );
+    }
     tracing::info!(
         pending = recovered.pending.len()
             + recovered.on_disk.values().map(|d| d.count).sum::<usize>(),
@@ -301,7 +311,10 @@ fn open_spool(
         Arc::new(forwarder),
         metrics,
         rules,
-        config.delivery.max_age,
+        dispatch::Limits {
+            max_age: config.delivery.max_age,
+            stalled_after: config.delivery.stalled_after,
+        },
     )
     .map_err(Error::Thread)?;
     dispatcher.resume(recovered);

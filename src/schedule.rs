@@ -126,12 +126,27 @@ impl Circuit {
         }
     }
 
+    /// Consecutive failures so far.
+    pub fn failures(&self) -> u32 {
+        self.failures
+    }
+
+    /// Until when it is open, without moving it to half-open.
+    pub fn open_until(&self) -> Option<Instant> {
+        match self.state {
+            CircuitState::Open { until } => Some(until),
+            _ => None,
+        }
+    }
+
     /// The destination answered (2xx, or a status that says the job, not
-    /// the destination, is the problem).
-    pub fn alive(&mut self) {
+    /// the destination, is the problem). True if this closed the circuit.
+    pub fn alive(&mut self) -> bool {
+        let was_open = self.is_open();
         self.failures = 0;
         self.cooldown = CIRCUIT_COOLDOWN_MIN;
         self.state = CircuitState::Closed;
+        was_open
     }
 
     /// An attempt ended without reaching the destination (its delivery was
@@ -143,8 +158,10 @@ impl Circuit {
         }
     }
 
-    /// The destination failed (timeout, connection, 5xx, 429).
-    pub fn failed(&mut self, now: Instant) {
+    /// The destination failed (timeout, connection, 5xx, 429). Returns the
+    /// cool-down when this opened a closed circuit (an outage begins; a
+    /// failed probe only reopens it).
+    pub fn failed(&mut self, now: Instant) -> Option<Duration> {
         self.failures = self.failures.saturating_add(1);
         match self.state {
             CircuitState::HalfOpen { .. } => {
@@ -152,13 +169,15 @@ impl Circuit {
                 self.state = CircuitState::Open {
                     until: now + self.cooldown,
                 };
+                None
             }
             CircuitState::Closed if self.failures >= CIRCUIT_THRESHOLD => {
                 self.state = CircuitState::Open {
                     until: now + self.cooldown,
                 };
+                Some(self.cooldown)
             }
-            _ => {}
+            _ => None,
         }
     }
 }
@@ -248,10 +267,14 @@ mod tests {
     async fn circuit_opens_probes_and_closes() {
         let mut c = Circuit::default();
         for _ in 0..CIRCUIT_THRESHOLD - 1 {
-            c.failed(Instant::now());
+            assert_eq!(c.failed(Instant::now()), None);
             assert_eq!(c.gate(Instant::now()), Gate::Pass);
         }
-        c.failed(Instant::now());
+        assert_eq!(
+            c.failed(Instant::now()),
+            Some(CIRCUIT_COOLDOWN_MIN),
+            "opening is reported"
+        );
         let Gate::WaitUntil(until) = c.gate(Instant::now()) else {
             panic!("not open")
         };
@@ -259,15 +282,16 @@ mod tests {
         tokio::time::sleep_until(until).await;
         assert_eq!(c.gate(Instant::now()), Gate::Pass, "one probe");
         assert_eq!(c.gate(Instant::now()), Gate::WaitForProbe, "only one");
-        c.failed(Instant::now());
+        assert_eq!(c.failed(Instant::now()), None, "a failed probe reopens quietly");
         let Gate::WaitUntil(until) = c.gate(Instant::now()) else {
             panic!("not reopened")
         };
         assert_eq!(until - Instant::now(), 2 * CIRCUIT_COOLDOWN_MIN);
         tokio::time::sleep_until(until).await;
         assert_eq!(c.gate(Instant::now()), Gate::Pass);
-        c.alive();
+        assert!(c.alive(), "closing is reported");
         assert!(!c.is_open());
+        assert!(!c.alive(), "once");
         assert_eq!(c.gate(Instant::now()), Gate::Pass);
     }
 

@@ -10,7 +10,7 @@ use tokio::time::Instant;
 
 pub struct LogThrottle {
     every: Duration,
-    slots: Mutex<HashMap<&'static str, Slot>>,
+    slots: Mutex<HashMap<String, Slot>>,
 }
 
 struct Slot {
@@ -28,7 +28,9 @@ impl LogThrottle {
 
     /// `Some(n)` when a line about `key` may be written at `now`, `n` being
     /// how many were left out since the last one; `None` to leave it out.
-    pub fn allow(&self, key: &'static str, now: Instant) -> Option<u64> {
+    /// Keys are few (a reason, an event and a destination): the caller
+    /// never builds one from what a request carries.
+    pub fn allow(&self, key: &str, now: Instant) -> Option<u64> {
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         match slots.get_mut(key) {
             Some(slot) if now.saturating_duration_since(slot.last) < self.every => {
@@ -41,7 +43,7 @@ impl LogThrottle {
             }
             None => {
                 slots.insert(
-                    key,
+                    key.to_owned(),
                     Slot {
                         last: now,
                         suppressed: 0,

@@ -211,6 +211,10 @@ impl RuleSet {
     pub fn destination(&self, name: &str) -> Option<&Destination> {
         self.destinations.iter().find(|d| d.name.as_str() == name)
     }
+
+    pub fn rule(&self, name: &str) -> Option<&Rule> {
+        self.rules.iter().find(|r| r.name.as_str() == name)
+    }
 }
 
 #[derive(Debug, Serialize)]

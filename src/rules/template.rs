@@ -106,6 +106,16 @@ impl UrlTemplate {
         })
     }
 
+    /// The template as written in the rules file.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// True when it has placeholders: filling it in needs the job's query.
+    pub fn is_templated(&self) -> bool {
+        self.fixed.is_none()
+    }
+
     pub fn resolve(&self, query: &Query<'_>) -> Result<Uri, TemplateError> {
         if let Some(url) = &self.fixed {
             return Ok(url.clone());

@@ -14,7 +14,8 @@
 //! - `dead`: delivery id → [`Record`] (given up, waiting for replay);
 //! - `seen`, `seen_by_age`: job ids within the dedupe window;
 //! - `quarantine`: (table, key) → the raw bytes of a record that could not
-//!   be decoded, kept for inspection instead of stopping the spool.
+//!   be decoded, kept for inspection instead of stopping the spool;
+//! - `meta`: the record format ([`FORMAT`]), for migrations.
 //!
 //! The spool never stops the gateway. A commit that fails (a full disk)
 //! turns the spool *unwritable*: webhooks are refused at once, deliveries
@@ -46,6 +47,12 @@ const DEAD: TableDefinition<u64, &[u8]> = TableDefinition::new("dead");
 const SEEN: TableDefinition<&str, u64> = TableDefinition::new("seen");
 const SEEN_BY_AGE: TableDefinition<(u64, &str), ()> = TableDefinition::new("seen_by_age");
 const QUARANTINE: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("quarantine");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+/// The layout of the records, under `format` in the `meta` table. 1 (no
+/// entry): records carried the URL and headers resolved at accept; 2:
+/// only the destination's name. A format-1 spool is rewritten at open.
+const FORMAT: u64 = 2;
 
 /// The spool file inside `spool.path`.
 pub const FILE_NAME: &str = "spool.redb";
@@ -64,13 +71,13 @@ pub fn unix_ms() -> u64 {
 pub struct Record {
     pub job: u64,
     pub job_id: String,
-    /// A destination name, or [`crate::rules::UNROUTED`].
+    /// A destination name, or [`crate::rules::UNROUTED`]. Only the name:
+    /// its URL, headers and limits are taken from the rules in force at
+    /// each attempt, so fixing a destination fixes what is queued for it.
     pub destination: String,
+    /// The rule that routed the job there (`X-Hookgate-Rule`, and its
+    /// headers if it still exists).
     pub rule: String,
-    /// Resolved when the job was accepted, from the rules in force then.
-    pub url: String,
-    /// The destination's and the rule's headers.
-    pub headers: Vec<(String, String)>,
     pub attempts: u32,
     pub first_ms: u64,
     pub next_ms: u64,
@@ -249,6 +256,8 @@ pub struct Recovered {
     pub repaired: bool,
     /// Records quarantined at this start because they could not be decoded.
     pub quarantined: Vec<Quarantined>,
+    /// Records rewritten at this start from an older format.
+    pub migrated: u64,
 }
 
 /// A spool file that could not be used, and where it went.
@@ -290,15 +299,16 @@ enum Op {
     },
     Replay {
         filter: DeadFilter,
+        reroute: bool,
         now_ms: u64,
-        reply: oneshot::Sender<Result<Vec<(u64, Record)>, SpoolError>>,
+        reply: oneshot::Sender<Result<Vec<Replayed>, SpoolError>>,
     },
     Purge {
         filter: DeadFilter,
         reply: oneshot::Sender<Result<Vec<Record>, SpoolError>>,
     },
     Reroute {
-        dead_id: u64,
+        dead_ids: Vec<u64>,
         job: u64,
         records: Vec<Record>,
         reply: oneshot::Sender<Result<Stored, SpoolError>>,
@@ -325,6 +335,15 @@ pub struct ReadBack {
     pub last: u64,
     /// True when the scan reached the end of the table.
     pub exhausted: bool,
+}
+
+/// A dead letter a replay took up.
+#[derive(Debug)]
+pub enum Replayed {
+    /// Pending again, under a new id.
+    Pending(u64, Record),
+    /// Left in place for the caller to route again: its id and record.
+    ToRoute(u64, Record),
 }
 
 /// Records stored for a job: pending with their ids, and dead letters.
@@ -651,12 +670,19 @@ impl Spool {
         })
     }
 
-    /// Moves matching dead letters back to pending, with fresh attempts and
-    /// new ids. Unrouted ones are returned as they are, for re-routing.
-    pub async fn replay(&self, filter: DeadFilter) -> Result<Vec<(u64, Record)>, SpoolError> {
+    /// Moves matching dead letters back to pending, to the same
+    /// destination, with fresh attempts and new ids. Unrouted ones, and
+    /// all of them with `reroute`, are returned as they are (their ids
+    /// those of the dead letters), for routing again.
+    pub async fn replay(
+        &self,
+        filter: DeadFilter,
+        reroute: bool,
+    ) -> Result<Vec<Replayed>, SpoolError> {
         let (reply, answer) = oneshot::channel();
         self.send(Op::Replay {
             filter,
+            reroute,
             now_ms: unix_ms(),
             reply,
         })?;
@@ -674,17 +700,18 @@ impl Spool {
         })
     }
 
-    /// Replaces the dead letter `dead_id` of job `job` by `records` (the
-    /// job routed again).
+    /// Replaces the dead letters `dead_ids` of job `job` by `records` (the
+    /// job routed again). Dead letters replayed or purged meanwhile are
+    /// skipped; if none is left, nothing is stored.
     pub async fn reroute(
         &self,
-        dead_id: u64,
+        dead_ids: Vec<u64>,
         job: u64,
         records: Vec<Record>,
     ) -> Result<Stored, SpoolError> {
         let (reply, answer) = oneshot::channel();
         self.send(Op::Reroute {
-            dead_id,
+            dead_ids,
             job,
             records,
             reply,

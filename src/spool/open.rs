@@ -16,9 +16,9 @@ use std::path::Path;
 use redb::{Database, ReadableDatabase, ReadableTable};
 
 use super::{
-    DEAD, DELIVERIES, FILE_NAME, HELD_PER_DESTINATION, JOB_REFS, JOBS, MovedAside, OnDisk,
-    OpenError, QUARANTINE, Quarantined, Record, Recovered, SEEN, SEEN_BY_AGE, StoredJob, contain,
-    unix_ms,
+    DEAD, DELIVERIES, FILE_NAME, FORMAT, HELD_PER_DESTINATION, JOB_REFS, JOBS, META, MovedAside,
+    OnDisk, OpenError, QUARANTINE, Quarantined, Record, Recovered, SEEN, SEEN_BY_AGE, StoredJob,
+    contain, unix_ms,
 };
 
 /// Page cache: the spool is read once per attempt, so a small cache keeps
@@ -110,10 +110,15 @@ fn open_checked(path: &Path) -> Result<Opened, Failure> {
         let mut db = builder().create(path).map_err(classify)?;
         // Ok(false): damaged, and rolled back to the last intact commit.
         let repaired = !db.check_integrity().map_err(classify)?;
+        let migrated = migrate(&db)?;
         let read = recover(&db).map_err(classify)?;
         Ok(Opened {
             db,
-            recovered: Recovered { repaired, ..read.0 },
+            recovered: Recovered {
+                repaired,
+                migrated,
+                ..read.0
+            },
             bytes: read.1,
             next_id: read.2,
             next_job: read.3,
@@ -148,6 +153,96 @@ fn classify(e: impl Into<redb::Error>) -> Failure {
     }
 }
 
+/// Records rewritten per transaction while migrating: a large spool is
+/// migrated in steps, each committed, never held in memory whole.
+const MIGRATE_STEP: usize = 10_000;
+
+/// Brings the records to [`FORMAT`]; returns how many were rewritten. A
+/// format-1 record carries `url` and `headers`, which decoding ignores:
+/// encoding it again drops them. Interrupted, it starts over harmlessly
+/// (a rewritten record encodes to itself). Records that do not decode are
+/// left for [`recover`] to quarantine. A spool from a newer release is
+/// refused, not rewritten, and left alone.
+fn migrate(db: &Database) -> Result<u64, Failure> {
+    let format = {
+        let txn = db.begin_write().map_err(classify)?;
+        let format = txn
+            .open_table(META)
+            .map_err(classify)?
+            .get("format")
+            .map_err(classify)?
+            .map(|v| v.value());
+        txn.commit().map_err(classify)?;
+        format
+    };
+    match format {
+        Some(FORMAT) => return Ok(0),
+        Some(newer) if newer > FORMAT => {
+            return Err(Failure::System(format!(
+                "the spool has format {newer}, written by a newer release; this one reads up to \
+                 format {FORMAT}. Run the newer release, or move the file away to start empty"
+            )));
+        }
+        _ => {}
+    }
+    let mut migrated = 0;
+    for table in [DELIVERIES, DEAD] {
+        let mut after = 0;
+        loop {
+            let (rewritten, last) = migrate_step(db, table, after).map_err(classify)?;
+            migrated += rewritten;
+            match last {
+                Some(last) => after = last,
+                None => break,
+            }
+        }
+    }
+    let txn = db.begin_write().map_err(classify)?;
+    txn.open_table(META)
+        .map_err(classify)?
+        .insert("format", FORMAT)
+        .map_err(classify)?;
+    txn.commit().map_err(classify)?;
+    Ok(migrated)
+}
+
+/// Rewrites up to [`MIGRATE_STEP`] records of `table` with keys from
+/// `after`: how many it rewrote, and the last key looked at if there may
+/// be more.
+fn migrate_step(
+    db: &Database,
+    table: redb::TableDefinition<u64, &[u8]>,
+    after: u64,
+) -> Result<(u64, Option<u64>), redb::Error> {
+    let txn = db.begin_write()?;
+    let mut rewritten = 0;
+    let last;
+    {
+        let mut records = txn.open_table(table)?;
+        let mut step = Vec::new();
+        for entry in records.range(after..)? {
+            let (id, raw) = entry?;
+            if let Ok(record) = serde_json::from_slice::<Record>(raw.value()) {
+                if let Ok(encoded) = serde_json::to_vec(&record) {
+                    if encoded != raw.value() {
+                        step.push((id.value(), encoded));
+                    }
+                }
+            }
+            if step.len() >= MIGRATE_STEP {
+                break;
+            }
+        }
+        last = step.last().map(|(id, _)| id + 1).filter(|_| step.len() >= MIGRATE_STEP);
+        for (id, encoded) in &step {
+            records.insert(*id, encoded.as_slice())?;
+        }
+        rewritten += step.len() as u64;
+    }
+    txn.commit()?;
+    Ok((rewritten, last))
+}
+
 /// What [`recover`] reads: the recovered state, the bytes in use, the next
 /// free delivery id and job sequence, the records in quarantine.
 type Read = (Recovered, u64, u64, u64, u64);
@@ -169,6 +264,7 @@ fn recover(db: &Database) -> Result<Read, redb::Error> {
         txn.open_table(SEEN)?;
         txn.open_table(SEEN_BY_AGE)?;
         txn.open_table(QUARANTINE)?;
+        txn.open_table(META)?;
     }
     txn.commit()?;
     let txn = db.begin_read()?;

@@ -25,8 +25,8 @@ use tokio::sync::oneshot;
 
 use super::open::{Reopen, reopen};
 use super::{
-    Accepted, DEAD, DELIVERIES, DeadFilter, JOB_REFS, JOBS, NewJob, Op, Record, SEEN, SEEN_BY_AGE,
-    Shared, SpoolError, Stored, contain, unix_ms,
+    Accepted, DEAD, DELIVERIES, DeadFilter, JOB_REFS, JOBS, NewJob, Op, Record, Replayed, SEEN,
+    SEEN_BY_AGE, Shared, SpoolError, Stored, contain, unix_ms,
 };
 
 /// Operations merged into one transaction at most.
@@ -382,10 +382,11 @@ impl Writer {
                     }
                     Op::Replay {
                         filter,
+                        reroute,
                         now_ms,
                         reply: tx,
                     } => {
-                        let result = self.replay(&mut t, &filter, now_ms);
+                        let result = self.replay(&mut t, &filter, reroute, now_ms);
                         replies.push(reply(tx, result));
                     }
                     Op::Purge { filter, reply: tx } => {
@@ -393,12 +394,12 @@ impl Writer {
                         replies.push(reply(tx, result));
                     }
                     Op::Reroute {
-                        dead_id,
+                        dead_ids,
                         job,
                         records,
                         reply: tx,
                     } => {
-                        let result = self.reroute(&mut t, dead_id, job, records);
+                        let result = self.reroute(&mut t, &dead_ids, job, records);
                         replies.push(reply(tx, result));
                     }
                     Op::Probe => {
@@ -506,17 +507,26 @@ impl Writer {
     fn reroute(
         &mut self,
         t: &mut Tables<'_>,
-        dead_id: u64,
+        dead_ids: &[u64],
         seq: u64,
         records: Vec<Record>,
     ) -> Result<Stored, SpoolError> {
-        let removed = t.dead.remove(dead_id)?.map(|raw| raw.value().len());
-        let Some(size) = removed else {
-            // Replayed or purged meanwhile.
+        let mut removed = 0;
+        for &id in dead_ids {
+            // Gone if replayed or purged meanwhile.
+            if let Some(raw) = t.dead.remove(id)? {
+                self.sub(raw.value().len());
+                removed += 1;
+            }
+        }
+        if removed == 0 {
             return Ok((Vec::new(), Vec::new()));
-        };
-        self.sub(size);
-        // The dead letter's reference passes to the new records.
+        }
+        // One of the dead letters' references passes to the new records
+        // (through `store`), the others are released.
+        for _ in 1..removed {
+            self.release(t, seq)?;
+        }
         self.store(t, seq, records)
     }
 
@@ -538,14 +548,15 @@ impl Writer {
         &mut self,
         t: &mut Tables<'_>,
         filter: &DeadFilter,
+        reroute: bool,
         now_ms: u64,
-    ) -> Result<Vec<(u64, Record)>, SpoolError> {
+    ) -> Result<Vec<Replayed>, SpoolError> {
         let chosen = matching_dead(t, filter)?;
         let mut out = Vec::with_capacity(chosen.len());
         for (old_id, size, mut record) in chosen {
-            if record.destination == crate::rules::UNROUTED {
-                // Re-routed by the caller, with the rules in force now.
-                out.push((old_id, record));
+            if reroute || record.destination == crate::rules::UNROUTED {
+                // Routed again by the caller, with the rules in force now.
+                out.push(Replayed::ToRoute(old_id, record));
                 continue;
             }
             t.dead.remove(old_id)?;
@@ -560,7 +571,7 @@ impl Writer {
             let encoded = serde_json::to_vec(&record)?;
             self.add(encoded.len());
             t.deliveries.insert(id, encoded.as_slice())?;
-            out.push((id, record));
+            out.push(Replayed::Pending(id, record));
         }
         Ok(out)
     }

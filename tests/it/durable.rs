@@ -520,7 +520,7 @@ async fn dead_letter_calls_in_direct_mode() {
         .await;
     let calls = [
         (Method::GET, "/admin/dead-letters"),
-        (Method::POST, "/admin/dead-letters/replay?all=true"),
+        (Method::POST, "/admin/dead-letters/replay?reroute=true"),
         (Method::DELETE, "/admin/dead-letters?all=true"),
     ];
     for (method, path) in calls {

@@ -156,8 +156,6 @@ fn record(destination: usize) -> Record {
         job_id: String::new(),
         destination: format!("d{destination}"),
         rule: "r".into(),
-        url: "http://127.0.0.1:9/".into(),
-        headers: Vec::new(),
         attempts: 0,
         first_ms: 0,
         next_ms: 0,
