@@ -353,6 +353,8 @@ struct Prepared {
     record: Record,
     delivery: Delivery,
     origin: Origin,
+    /// The rules it was made with.
+    rules: Arc<RuleSet>,
 }
 
 /// What a replay did.
@@ -450,6 +452,14 @@ impl Dispatcher {
         for (destination, on_disk) in recovered.on_disk {
             self.lane(&destination).left_on_disk(on_disk);
         }
+        // Destinations the rules no longer name: their deliveries become
+        // dead letters now, not at their next retry.
+        let rules = self.rules.borrow().clone();
+        for lane in self.all_lanes() {
+            if rules.destination(lane.name.as_str()).is_none() {
+                lane.revisit(true);
+            }
+        }
     }
 
     /// Stores a routed job; answers once it is on disk.
@@ -515,7 +525,8 @@ impl Dispatcher {
         let mut rules = self.rules.clone();
         let mut before = rules.borrow_and_update().clone();
         let mut tick = tokio::time::interval(
-            (self.limits.stalled_after / 4).clamp(Duration::from_millis(100), Duration::from_secs(5)),
+            (self.limits.stalled_after / 4)
+                .clamp(Duration::from_millis(100), Duration::from_secs(5)),
         );
         loop {
             tokio::select! {
@@ -523,16 +534,11 @@ impl Dispatcher {
                     if changed.is_err() {
                         return;
                     }
-                    let now = rules.borrow_and_update().clone();
+                    rules.borrow_and_update();
                     for lane in self.all_lanes() {
-                        let name = lane.name.as_str();
-                        let everything_now = match (before.destination(name), now.destination(name)) {
-                            (Some(was), Some(is)) => !same_target(was, is),
-                            _ => true,
-                        };
-                        lane.revisit(everything_now);
+                        lane.revisit(self.moved(&lane, &before));
                     }
-                    before = now;
+                    before = rules.borrow().clone();
                 }
                 _ = tick.tick() => self.check_stalls(),
                 () = self.stop.cancelled() => return,
@@ -667,7 +673,7 @@ impl Dispatcher {
         &self,
         lane: &Lane,
         id: u64,
-        rules: &RuleSet,
+        rules: &Arc<RuleSet>,
         destination: &Destination,
     ) -> Option<Prepared> {
         let (record, job) = match self.spool.load(id) {
@@ -696,6 +702,7 @@ impl Dispatcher {
                 origin: Origin::of(&delivery.url),
                 record,
                 delivery,
+                rules: rules.clone(),
             }),
             Err(reason) => {
                 self.forget(lane, id);
@@ -710,6 +717,7 @@ impl Dispatcher {
             mut record,
             delivery,
             origin,
+            rules,
         } = prepared;
         let outcome = self.forwarder.attempt(&delivery, policy.timeout).await;
         let now = Instant::now();
@@ -760,6 +768,15 @@ impl Dispatcher {
                             // Still retried: at worst the attempt is not counted.
                             tracing::error!(id, "cannot record a failed attempt: {e}");
                         }
+                        // A reload since the attempt began that removed or
+                        // moved the destination: looked at again at once,
+                        // as the reload did with the deliveries it found
+                        // waiting.
+                        let at = if self.moved(lane, &rules) {
+                            Instant::now()
+                        } else {
+                            at
+                        };
                         lane.retry(id, at);
                     }
                     Next::GiveUp(reason) => {
@@ -768,6 +785,20 @@ impl Dispatcher {
                     }
                 }
             }
+        }
+    }
+
+    /// Whether the lane's destination was removed or changed its URL or
+    /// headers since `then`.
+    fn moved(&self, lane: &Lane, then: &Arc<RuleSet>) -> bool {
+        let now = self.rules.borrow().clone();
+        if Arc::ptr_eq(&now, then) {
+            return false;
+        }
+        let name = lane.name.as_str();
+        match (then.destination(name), now.destination(name)) {
+            (Some(was), Some(is)) => !same_target(was, is),
+            _ => true,
         }
     }
 
@@ -863,10 +894,10 @@ impl Dispatcher {
     }
 
     fn bury(&self, id: u64, mut record: Record, reason: String) {
-        if let Some(left_out) = self
-            .warnings
-            .allow(&format!("dead_letter:{}", record.destination), Instant::now())
-        {
+        if let Some(left_out) = self.warnings.allow(
+            &format!("dead_letter:{}", record.destination),
+            Instant::now(),
+        ) {
             tracing::warn!(
                 id,
                 job_id = %record.job_id,

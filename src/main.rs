@@ -171,6 +171,7 @@ fn init_logging(config: &LogConfig) {
             .with_current_span(false)
             .init();
     } else {
-        builder.init();
+        // Colours only for a person at a terminal, never in a file.
+        builder.with_ansi(std::io::stderr().is_terminal()).init();
     }
 }

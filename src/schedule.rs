@@ -282,7 +282,11 @@ mod tests {
         tokio::time::sleep_until(until).await;
         assert_eq!(c.gate(Instant::now()), Gate::Pass, "one probe");
         assert_eq!(c.gate(Instant::now()), Gate::WaitForProbe, "only one");
-        assert_eq!(c.failed(Instant::now()), None, "a failed probe reopens quietly");
+        assert_eq!(
+            c.failed(Instant::now()),
+            None,
+            "a failed probe reopens quietly"
+        );
         let Gate::WaitUntil(until) = c.gate(Instant::now()) else {
             panic!("not reopened")
         };

@@ -233,7 +233,10 @@ fn migrate_step(
                 break;
             }
         }
-        last = step.last().map(|(id, _)| id + 1).filter(|_| step.len() >= MIGRATE_STEP);
+        last = step
+            .last()
+            .map(|(id, _)| id + 1)
+            .filter(|_| step.len() >= MIGRATE_STEP);
         for (id, encoded) in &step {
             records.insert(*id, encoded.as_slice())?;
         }

@@ -5,6 +5,7 @@ mod cli;
 mod destinations;
 mod durable;
 mod faults;
+mod follow;
 mod hardening;
 mod ingress;
 mod observability;

@@ -1,7 +1,7 @@
 //! Fixtures: a gateway started in-process on 127.0.0.1, a scriptable
 //! downstream, and helpers to read `/metrics` as an operator would.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -82,6 +82,10 @@ impl Received {
 
 #[derive(Default)]
 struct DownstreamState {
+    /// Answers for a path, whatever the script says.
+    by_path: HashMap<String, Answer>,
+    /// The answer to every other request while set.
+    always: Option<Answer>,
     script: VecDeque<Answer>,
     received: Vec<Received>,
     connections: usize,
@@ -126,6 +130,20 @@ impl Downstream {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+
+    /// Requests for `path` get `answer` from now on.
+    pub fn answer_path(&self, path: &str, answer: Answer) {
+        self.state
+            .lock()
+            .unwrap()
+            .by_path
+            .insert(path.to_owned(), answer);
+    }
+
+    /// Every request gets `answer` until it is set to `None`.
+    pub fn answer_all(&self, answer: Option<Answer>) {
+        self.state.lock().unwrap().always = answer;
     }
 
     pub fn received(&self) -> Vec<Received> {
@@ -198,13 +216,20 @@ async fn serve_conn(
         buf.drain(..head_end + len);
         let answer = {
             let mut s = state.lock().unwrap();
+            let answer = s
+                .by_path
+                .get(&path)
+                .or(s.always.as_ref())
+                .cloned()
+                .or_else(|| s.script.pop_front())
+                .unwrap_or(Answer::Status(200));
             s.received.push(Received {
                 path,
                 headers,
                 body,
                 at: Instant::now(),
             });
-            s.script.pop_front().unwrap_or(Answer::Status(200))
+            answer
         };
         notify.notify_waiters();
         let response = match answer {
