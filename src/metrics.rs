@@ -216,7 +216,7 @@ impl Metrics {
             )),
             circuit_open: register!(gauge_vec(
                 "hookgate_circuit_open",
-                "1 while the destination's circuit breaker is open, else 0."
+                "Origins (scheme, host, port) of the destination whose circuit breaker is open: 0 or 1 for a plain URL, up to one per filled-in host for a templated one."
             )),
             reloads: register!(counter_vec(
                 "hookgate_config_reloads_total",
