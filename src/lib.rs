@@ -16,7 +16,7 @@
 //! - [`deliver`]: HTTP attempts to destinations, classified and retried
 //!   with [`backoff`], made by the lean HTTP/1.1 [`client`].
 //! - [`spool`]: the crash-safe on-disk queue (redb, group commit);
-//!   [`dispatch`]: the per-destination workers that drain it, with the
+//!   [`dispatch`]: the per-destination workers (lanes) that drain it, with the
 //!   rules in force at each attempt, deciding with [`schedule`] when to
 //!   retry and when to give up, and with [`origins`] which origin of a
 //!   destination may take an attempt now.
@@ -40,6 +40,7 @@ pub mod deliver;
 pub mod dispatch;
 pub mod gateway;
 pub mod job;
+mod lane;
 pub mod metrics;
 pub mod origins;
 pub mod query;

@@ -15,7 +15,7 @@
 //! - `seen`, `seen_by_age`: job ids within the dedupe window;
 //! - `quarantine`: (table, key) → the raw bytes of a record that could not
 //!   be decoded, kept for inspection instead of stopping the spool;
-//! - `meta`: the record format ([`FORMAT`]), for migrations.
+//! - `meta`: the record format (`FORMAT`), for migrations.
 //!
 //! The spool never stops the gateway. A commit that fails (a full disk)
 //! turns the spool *unwritable*: webhooks are refused at once, deliveries
