@@ -68,6 +68,10 @@ pub(crate) struct LaneState {
     /// While a read-back runs: deliveries offered meanwhile and left on
     /// disk, in case its snapshot came too early to see them.
     reading: Option<Vec<(u64, Instant, u64)>>,
+    /// Set by a reload that removed or moved the destination while some
+    /// deliveries were on disk only: those are due at once when read back
+    /// too, whatever retry time they were stored with.
+    hurry: bool,
     pub(crate) origins: Origins,
     pub(crate) watch: Watch,
 }
@@ -80,6 +84,7 @@ impl LaneState {
             queued: 0,
             on_disk_after: None,
             reading: None,
+            hurry: false,
             origins: Origins::default(),
             watch: Watch {
                 progress: Instant::now(),
@@ -225,13 +230,15 @@ impl Lane {
         before.and_then(|(_, before)| origins.unbind(&before))
     }
 
-    /// The rules changed: what the origins held back, and (with `now`)
-    /// everything waiting for a retry, is looked at again at once.
+    /// The rules changed: what the origins held back, and (with
+    /// `everything_now`) every delivery waiting for a retry, held or on
+    /// disk, is looked at again at once.
     pub(crate) fn revisit(&self, everything_now: bool) {
         let mut state = self.lock();
         let now = Instant::now();
         let released = state.origins.release_waiting();
         if everything_now {
+            state.hurry = state.on_disk_after.is_some();
             let due = std::mem::take(&mut state.due);
             state.due = due
                 .into_iter()
@@ -265,10 +272,17 @@ impl Lane {
                 return;
             }
         };
+        let now = Instant::now();
         for (id, record) in back.found {
-            state.hold(id, instant_of(record.next_ms), record.first_ms);
+            let at = if state.hurry {
+                now
+            } else {
+                instant_of(record.next_ms)
+            };
+            state.hold(id, at, record.first_ms);
         }
         if back.exhausted {
+            state.hurry = false;
             // Offered during the scan but after its snapshot: not found,
             // so held now.
             for (id, at, first_ms) in meanwhile {
@@ -427,6 +441,43 @@ mod tests {
         assert_eq!(state.due.len(), 4, "5 is due once, not twice");
         assert_eq!(state.on_disk_after, None);
         assert_eq!(state.queued, 4);
+    }
+
+    /// A reload that removed or moved the destination: what is held is due
+    /// at once, and so is what is read back from disk afterwards, until
+    /// the disk part is exhausted.
+    #[test]
+    fn after_a_revisit_even_deliveries_read_back_are_due_at_once() {
+        let lane = lane(2);
+        let later = Instant::now() + Duration::from_secs(3600);
+        for id in 1..=4 {
+            lane.offer(id, later, id);
+        }
+        lane.revisit(true);
+        let now = Instant::now();
+        let due: Vec<Instant> = lane.lock().due.iter().map(|Reverse((at, _))| *at).collect();
+        assert!(due.iter().all(|at| *at <= now), "held: due now");
+        deliver(&lane, 1);
+        deliver(&lane, 2);
+        assert!(lane.begin_read_back().is_some());
+        let far = |id| {
+            let (id, mut r) = record(id);
+            r.next_ms = unix_ms() + 3_600_000;
+            (id, r)
+        };
+        lane.end_read_back(Ok(ReadBack {
+            found: vec![far(3), far(4)],
+            last: 4,
+            exhausted: true,
+        }));
+        let state = lane.lock();
+        assert!(
+            state
+                .due
+                .iter()
+                .all(|Reverse((at, _))| *at <= Instant::now())
+        );
+        assert!(!state.hurry, "only until the disk part is read");
     }
 
     #[test]
