@@ -1,45 +1,59 @@
-//! The HTTP/1.1 client that carries deliveries to destinations.
+//! The HTTP client that carries deliveries to destinations: hyper's
+//! HTTP/1.1 and HTTP/2 connections (`hyper::client::conn`) under a pool of
+//! hookgate's own. Framing, parsing and connection state are hyper's; this
+//! module only decides which connection a request goes on.
 //!
-//! A delivery is always the same exchange: one POST with a known length,
-//! one response whose status (and `Retry-After`) is all that counts. This
-//! client does exactly that on the calling task: it writes the request
-//! with one syscall and reads the response on the same connection, with no
-//! connection task, channel or wake-up in between (with hyper-util's
-//! pooled client these were a third of a delivery's user-space CPU).
-//! Responses are parsed by `httparse`.
+//! Connecting is hyper-util's `HttpConnector`: Happy Eyeballs across a
+//! name's addresses (the other address family is raced after 300 ms), a
+//! connect timeout of its own, TCP keepalive and no Nagle delay. TLS is
+//! rustls, with the platform's trust store unless a destination names its
+//! own CA and client certificate ([`Transport`]).
 //!
-//! Connections are kept alive in a pool per origin and reused newest
-//! first; idle ones are closed after a minute, swept lazily as the pool is
-//! used. A pooled connection the destination has closed meanwhile is
-//! noticed when it is taken (the reactor has seen it readable), and a
-//! request that meets a closed connection before any byte of an answer is
-//! sent again, once, on a new one. TLS is rustls with the platform's trust
-//! store.
+//! An HTTP/1.1 connection is driven by the task that sends on it, polled
+//! together with the request (no connection task, no channel hop: most of
+//! what a delivery costs in user space); an idle one sits in the pool,
+//! newest first, until it is reused, found closed, idle for a minute, or
+//! older than the connection lifetime (so that DNS changes reach long-lived
+//! pools). An HTTP/2 connection runs on a task of its own and is shared by
+//! concurrent requests.
+//!
+//! A request goes again on a new connection only when hyper hands it back
+//! unsent; once it may have been written, its fate is an attempt like any
+//! other (RFC 9110 §9.2.2: a POST is not retried by the transport).
 
 use std::collections::HashMap;
-use std::io::{self, Write as _};
-use std::net::SocketAddr;
-use std::pin::Pin;
+use std::error::Error as StdError;
+use std::future::{Future, poll_fn};
+use std::io;
+use std::pin::{Pin, pin};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
-use http::uri::{Authority, Scheme};
-use http::{HeaderMap, HeaderValue, StatusCode, Uri};
+use bytes::{Bytes, BytesMut};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{HeaderMap, HeaderValue, Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::ServerName;
-use rustls_platform_verifier::ConfigVerifierExt;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use rustls_platform_verifier::BuilderVerifierExt;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
+use tower_service::Service;
+
+use crate::transport::{Transport, alpn, install_provider};
 
 /// Every request names its sender.
-const USER_AGENT: &str = concat!("hookgate/", env!("CARGO_PKG_VERSION"));
-/// A response head larger than this is refused.
-const MAX_HEAD: usize = 64 * 1024;
-const MAX_HEADERS: usize = 100;
+const USER_AGENT: HeaderValue =
+    HeaderValue::from_static(concat!("hookgate/", env!("CARGO_PKG_VERSION")));
+/// Response headers accepted before the head is refused.
+const MAX_HEADERS: usize = 500;
 /// Idle connections kept per origin; more are closed when returned.
 const MAX_IDLE: usize = 1024;
 /// An idle connection older than this is closed instead of reused.
@@ -47,6 +61,11 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often the whole pool is swept of expired and closed connections,
 /// so that those of an origin no longer called do not linger.
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
+/// After this long without an answer on the preferred address family,
+/// the other is tried alongside (RFC 8305).
+const HAPPY_EYEBALLS: Duration = Duration::from_millis(300);
+/// Probes on an idle TCP connection, so that a peer gone silently is found.
+const TCP_KEEPALIVE: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -54,47 +73,54 @@ pub enum ClientError {
     Tls(#[from] rustls::Error),
     #[error("{0} is not an http:// or https:// URL with a host")]
     Url(Uri),
-    #[error("cannot connect to {authority}: {source}")]
+    #[error("cannot connect to {authority}: {message}")]
     Connect {
         authority: Authority,
-        source: io::Error,
+        message: String,
+        timed_out: bool,
     },
-    #[error("connecting to {0} timed out")]
-    ConnectTimeout(Authority),
     #[error("TLS handshake with {authority} failed: {source}")]
     Handshake {
         authority: Authority,
         source: io::Error,
     },
-    #[error("connection error: {0}")]
-    Io(#[from] io::Error),
-    #[error("the connection closed before a complete response")]
-    Closed,
-    #[error("invalid response: {0}")]
-    Invalid(&'static str),
+    #[error("{0}")]
+    Http(String),
+    #[error("timed out")]
+    Timeout,
 }
 
 impl ClientError {
     pub fn is_timeout(&self) -> bool {
-        match self {
-            Self::ConnectTimeout(_) => true,
-            Self::Io(e) | Self::Connect { source: e, .. } | Self::Handshake { source: e, .. } => {
-                e.kind() == io::ErrorKind::TimedOut
-            }
-            _ => false,
-        }
+        matches!(
+            self,
+            Self::Timeout
+                | Self::Connect {
+                    timed_out: true,
+                    ..
+                }
+        )
+    }
+
+    /// hyper's error with its causes, for the log and dead letters.
+    fn http(e: hyper::Error) -> Self {
+        Self::Http(chain(&e))
     }
 }
 
-impl From<httparse::Error> for ClientError {
-    fn from(e: httparse::Error) -> Self {
-        Self::Invalid(match e {
-            httparse::Error::TooManyHeaders => "too many headers",
-            httparse::Error::Version => "not HTTP/1.x",
-            httparse::Error::Status => "bad status line",
-            _ => "malformed head",
-        })
+/// An error and its sources, `a: b: c`.
+fn chain(e: &dyn StdError) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
     }
+    out
 }
 
 /// What a destination answered.
@@ -102,169 +128,348 @@ impl From<httparse::Error> for ClientError {
 pub struct Response {
     pub status: StatusCode,
     pub retry_after: Option<HeaderValue>,
-    /// The body, up to the limit given to [`Client::post`].
+    /// The body, up to the limit given to [`Client::post`]; cut short if
+    /// reading it failed or ran out of time (the status stands).
     pub body: Bytes,
 }
 
+/// Connection settings shared by every destination.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    pub connect_timeout: Duration,
+    /// A connection older than this is not reused.
+    pub lifetime: Duration,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct Origin {
+struct Key {
     tls: bool,
     authority: Authority,
+    transport: u64,
 }
 
-struct Idle {
+type H1Conn = http1::Connection<TokioIo<Io>, Full<Bytes>>;
+
+enum Conn {
+    H1 {
+        sender: http1::SendRequest<Full<Bytes>>,
+        conn: Pin<Box<H1Conn>>,
+    },
+    /// Driven by a task of its own; the sender is shared.
+    H2(http2::SendRequest<Full<Bytes>>),
+}
+
+struct Pooled {
     conn: Conn,
-    since: Instant,
+    born: Instant,
+    idle_since: Instant,
 }
 
-impl Idle {
-    fn usable(&self, now: Instant) -> bool {
-        now.duration_since(self.since) < IDLE_TIMEOUT && self.conn.is_open()
+impl Pooled {
+    fn expired(&self, now: Instant, lifetime: Duration) -> bool {
+        now.duration_since(self.born) >= lifetime
+            || now.duration_since(self.idle_since) >= IDLE_TIMEOUT
     }
 }
 
 struct Pool {
-    idle: HashMap<Origin, Vec<Idle>>,
+    idle: HashMap<Key, Vec<Pooled>>,
     swept: Instant,
+}
+
+/// A request that hyper handed back unsent, or the attempt's error.
+enum Failed {
+    Unsent(Request<Full<Bytes>>),
+    Error(ClientError),
 }
 
 /// A pool of connections, for one thread's use (other threads fork their
 /// own); the lock is never contended.
 pub struct Client {
-    tls: TlsConnector,
-    connect_timeout: Duration,
+    connector: HttpConnector,
+    /// The platform's trust store, for destinations without TLS files of
+    /// their own: offering HTTP/1.1 only, and HTTP/2 too.
+    platform: [TlsConnector; 2],
+    settings: Settings,
     pool: Mutex<Pool>,
 }
 
 impl Client {
-    /// rustls is built with ring only (small, quick to build), installed
-    /// here as the process's provider before any TLS configuration is made.
-    pub fn new(connect_timeout: Duration) -> Result<Self, ClientError> {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let mut config = rustls::ClientConfig::with_platform_verifier()?;
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    pub fn new(settings: Settings) -> Result<Self, ClientError> {
+        install_provider();
+        let platform = |http2: bool| -> Result<TlsConnector, ClientError> {
+            let mut config = rustls::ClientConfig::builder()
+                .with_platform_verifier()?
+                .with_no_client_auth();
+            config.alpn_protocols = alpn(http2);
+            Ok(TlsConnector::from(Arc::new(config)))
+        };
+        let mut connector = HttpConnector::new();
+        connector.enforce_http(false);
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(settings.connect_timeout));
+        connector.set_happy_eyeballs_timeout(Some(HAPPY_EYEBALLS));
+        connector.set_keepalive(Some(TCP_KEEPALIVE));
         Ok(Self {
-            tls: TlsConnector::from(Arc::new(config)),
-            connect_timeout,
+            connector,
+            platform: [platform(false)?, platform(true)?],
+            settings,
             pool: Pool::new(),
         })
     }
 
-    /// A client with a pool of its own and the same TLS configuration.
+    /// A client with a pool of its own and the same settings.
     pub fn fork(&self) -> Self {
         Self {
-            tls: self.tls.clone(),
-            connect_timeout: self.connect_timeout,
+            connector: self.connector.clone(),
+            platform: self.platform.clone(),
+            settings: self.settings,
             pool: Pool::new(),
         }
     }
 
-    /// POSTs `body` with `headers` (and `Host`, `User-Agent`,
-    /// `Content-Length`) to `url`.
-    /// Reads at most `keep` bytes of the response body; a longer body
-    /// costs the connection its place in the pool. Not timed: the caller
-    /// bounds the whole exchange.
+    /// POSTs `body` with `headers` (and `Host`, `User-Agent`) to `url`,
+    /// within `deadline`. The answer counts once its head is read: the body
+    /// (at most `keep` bytes, for the log) is read within what is left of
+    /// the deadline, and failing to read it changes nothing but whether
+    /// the connection is reused.
     pub async fn post(
         &self,
         url: &Uri,
+        transport: &Transport,
         headers: &HeaderMap,
-        body: &[u8],
+        body: Bytes,
         keep: usize,
+        deadline: Instant,
     ) -> Result<Response, ClientError> {
-        let origin = origin(url)?;
-        let request = encode(url, &origin.authority, headers, body);
-        if let Some(mut conn) = self.checkout(&origin) {
-            match conn.exchange(&request, keep).await {
-                Ok((response, reusable)) => {
-                    if reusable {
-                        self.checkin(origin, conn);
-                    }
-                    return Ok(response);
-                }
-                // The destination closed it while it was idle: try again
-                // on a new connection, which is what a fresh one would do.
-                Err(e) if conn.unanswered && is_closed(&e) => {}
-                Err(e) => return Err(e),
+        let key = key(url, transport)?;
+        let mut request = build(url, &key.authority, headers, body)?;
+        if let Some(pooled) = self.checkout(&key).await {
+            match self.exchange(&key, pooled, request, keep, deadline).await {
+                Ok(response) => return Ok(response),
+                // Never written: the connection closed while idle.
+                Err(Failed::Unsent(back)) => request = back,
+                Err(Failed::Error(e)) => return Err(e),
             }
         }
-        let mut conn = self.connect(&origin).await?;
-        let (response, reusable) = conn.exchange(&request, keep).await?;
-        if reusable {
-            self.checkin(origin, conn);
+        let pooled = tokio::time::timeout_at(deadline, self.connect(&key, transport))
+            .await
+            .map_err(|_| ClientError::Timeout)??;
+        match self.exchange(&key, pooled, request, keep, deadline).await {
+            Ok(response) => Ok(response),
+            Err(Failed::Unsent(_)) => Err(ClientError::Http(
+                "the new connection closed before the request could be sent".into(),
+            )),
+            Err(Failed::Error(e)) => Err(e),
         }
-        Ok(response)
     }
 
-    fn checkout(&self, origin: &Origin) -> Option<Conn> {
-        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
-        let conns = pool.idle.get_mut(origin)?;
+    /// A pooled connection for `key` that is still open. An HTTP/1.1
+    /// connection is polled once: hyper notices a close the reactor has
+    /// seen, without a syscall otherwise.
+    async fn checkout(&self, key: &Key) -> Option<Pooled> {
         let now = Instant::now();
-        // Newest first: under a steady load the oldest age out.
-        while let Some(idle) = conns.pop() {
-            if idle.usable(now) {
-                return Some(idle.conn);
+        loop {
+            let mut pooled = {
+                let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+                let conns = pool.idle.get_mut(key)?;
+                // Newest first: under a steady load the oldest age out.
+                let top = conns.last()?;
+                if let Conn::H2(sender) = &top.conn {
+                    if !top.expired(now, self.settings.lifetime) && !sender.is_closed() {
+                        // Shared: it stays in the pool.
+                        return Some(Pooled {
+                            conn: Conn::H2(sender.clone()),
+                            born: top.born,
+                            idle_since: now,
+                        });
+                    }
+                }
+                conns.pop()?
+            };
+            if pooled.expired(now, self.settings.lifetime) {
+                continue;
+            }
+            if let Conn::H1 { sender, conn } = &mut pooled.conn {
+                let open = poll_fn(|cx| Poll::Ready(conn.as_mut().poll(cx).is_pending())).await;
+                if open && sender.is_ready() {
+                    return Some(pooled);
+                }
             }
         }
-        None
     }
 
-    fn checkin(&self, origin: Origin, conn: Conn) {
+    fn checkin(&self, key: &Key, pooled: Pooled) {
         let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         if now.duration_since(pool.swept) >= SWEEP_EVERY {
             pool.swept = now;
+            let lifetime = self.settings.lifetime;
             pool.idle.retain(|_, conns| {
-                conns.retain(|idle| idle.usable(now));
+                conns.retain(|p| !p.expired(now, lifetime));
                 !conns.is_empty()
             });
         }
-        let conns = pool.idle.entry(origin).or_default();
+        let conns = pool.idle.entry(key.clone()).or_default();
+        if let Conn::H2(_) = pooled.conn {
+            // One shared connection per origin is enough.
+            conns.retain(|p| !matches!(p.conn, Conn::H2(_)));
+        }
         if conns.len() < MAX_IDLE {
-            conns.push(Idle { conn, since: now });
+            conns.push(Pooled {
+                idle_since: now,
+                ..pooled
+            });
         }
     }
 
-    async fn connect(&self, origin: &Origin) -> Result<Conn, ClientError> {
-        let authority = &origin.authority;
-        let default_port = if origin.tls { 443 } else { 80 };
-        let port = authority.port_u16().unwrap_or(default_port);
-        // `Authority::host` keeps an IPv6 literal's brackets.
-        let host = authority
-            .host()
-            .trim_start_matches('[')
-            .trim_end_matches(']');
-        let tcp = dial(host, port, self.connect_timeout)
+    async fn connect(&self, key: &Key, transport: &Transport) -> Result<Pooled, ClientError> {
+        let authority = &key.authority;
+        let scheme = if key.tls { "https" } else { "http" };
+        let dial = Uri::try_from(format!("{scheme}://{authority}/"))
+            .map_err(|_| ClientError::Url(Uri::from(authority.clone())))?;
+        let tcp = self
+            .connector
+            .clone()
+            .call(dial)
             .await
-            .map_err(|e| match e {
-                None => ClientError::ConnectTimeout(authority.clone()),
-                Some(source) => ClientError::Connect {
-                    authority: authority.clone(),
-                    source,
-                },
-            })?;
-        tcp.set_nodelay(true)?;
-        let io = if origin.tls {
+            .map_err(|e| ClientError::Connect {
+                authority: authority.clone(),
+                timed_out: timed_out(&e),
+                message: chain(&e),
+            })?
+            .into_inner();
+        let (io, h2) = if key.tls {
+            let connector = match transport.tls() {
+                Some(config) => TlsConnector::from(config.clone()),
+                None => self.platform[usize::from(transport.http2())].clone(),
+            };
+            // `Authority::host` keeps an IPv6 literal's brackets.
+            let host = authority
+                .host()
+                .trim_start_matches('[')
+                .trim_end_matches(']');
             let name = ServerName::try_from(host.to_owned()).map_err(|_| ClientError::Connect {
                 authority: authority.clone(),
-                source: io::Error::new(io::ErrorKind::InvalidInput, "not a valid TLS server name"),
+                message: "not a valid TLS server name".into(),
+                timed_out: false,
             })?;
             let stream =
-                self.tls
+                connector
                     .connect(name, tcp)
                     .await
                     .map_err(|source| ClientError::Handshake {
                         authority: authority.clone(),
                         source,
                     })?;
-            Io::Tls(Box::new(stream))
+            let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+            (Io::Tls(Box::new(stream)), h2)
         } else {
-            Io::Plain(tcp)
+            // Prior knowledge: HTTP/2 over cleartext only when asked.
+            (Io::Plain(tcp), transport.http2())
         };
-        Ok(Conn {
-            io,
-            buf: BytesMut::with_capacity(8 * 1024),
-            unanswered: false,
+        let io = TokioIo::new(io);
+        let now = Instant::now();
+        let conn = if h2 {
+            let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+                .timer(hyper_util::rt::TokioTimer::new())
+                .handshake(io)
+                .await
+                .map_err(ClientError::http)?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!("HTTP/2 connection ended: {e}");
+                }
+            });
+            Conn::H2(sender)
+        } else {
+            let (sender, conn) = http1::Builder::new()
+                .max_headers(MAX_HEADERS)
+                .handshake(io)
+                .await
+                .map_err(ClientError::http)?;
+            Conn::H1 {
+                sender,
+                conn: Box::pin(conn),
+            }
+        };
+        Ok(Pooled {
+            conn,
+            born: now,
+            idle_since: now,
         })
+    }
+
+    /// One request and its answer on `pooled`, which goes back to the pool
+    /// if it can carry another.
+    async fn exchange(
+        &self,
+        key: &Key,
+        mut pooled: Pooled,
+        request: Request<Full<Bytes>>,
+        keep: usize,
+        deadline: Instant,
+    ) -> Result<Response, Failed> {
+        let mut request = request;
+        let answered = match &mut pooled.conn {
+            Conn::H1 { sender, conn } => {
+                // Origin-form: the target without scheme and authority.
+                let target = request.uri().path_and_query().cloned();
+                *request.uri_mut() =
+                    Uri::from(target.unwrap_or_else(|| PathAndQuery::from_static("/")));
+                let sent = sender.try_send_request(request);
+                tokio::time::timeout_at(deadline, drive(Some(conn.as_mut()), sent)).await
+            }
+            Conn::H2(sender) => {
+                // `:scheme` and `:authority` come from the URI.
+                let scheme = if key.tls { Scheme::HTTPS } else { Scheme::HTTP };
+                let mut parts = request.uri().clone().into_parts();
+                parts.scheme = Some(scheme);
+                parts.authority = Some(key.authority.clone());
+                if let Ok(uri) = Uri::from_parts(parts) {
+                    *request.uri_mut() = uri;
+                }
+                request.headers_mut().remove(http::header::HOST);
+                let sent = sender.try_send_request(request);
+                tokio::time::timeout_at(deadline, sent).await
+            }
+        };
+        let response = match answered {
+            Err(_) => return Err(Failed::Error(ClientError::Timeout)),
+            Ok(Ok(response)) => response,
+            Ok(Err(mut e)) => {
+                return Err(match e.take_message() {
+                    Some(request) => Failed::Unsent(request),
+                    None => Failed::Error(ClientError::http(e.into_error())),
+                });
+            }
+        };
+        let (head, body) = response.into_parts();
+        let retry_after = head.headers.get(http::header::RETRY_AFTER).cloned();
+        let (body, complete) = match &mut pooled.conn {
+            Conn::H1 { conn, .. } => read_body(Some(conn.as_mut()), body, keep, deadline).await,
+            Conn::H2(_) => read_body(None, body, keep, deadline).await,
+        };
+        if complete && self.reusable(&mut pooled, deadline).await {
+            self.checkin(key, pooled);
+        }
+        Ok(Response {
+            status: head.status,
+            retry_after,
+            body,
+        })
+    }
+
+    /// Whether a connection whose exchange is complete can carry another
+    /// request: hyper has it ready for one (not closing, say).
+    async fn reusable(&self, pooled: &mut Pooled, deadline: Instant) -> bool {
+        match &mut pooled.conn {
+            Conn::H1 { sender, conn } => {
+                let ready = drive(Some(conn.as_mut()), poll_fn(|cx| sender.poll_ready(cx)));
+                matches!(tokio::time::timeout_at(deadline, ready).await, Ok(Ok(())))
+            }
+            Conn::H2(sender) => !sender.is_closed(),
+        }
     }
 }
 
@@ -277,63 +482,102 @@ impl Pool {
     }
 }
 
-/// Connects to the first of `host`'s addresses that answers within
-/// `timeout`. Each address gets an equal share of the time left, so that
-/// one that drops packets (an unreachable IPv6 route, say) leaves time for
-/// the next. The error is the last address's; `None` if it timed out.
-async fn dial(host: &str, port: u16, timeout: Duration) -> Result<TcpStream, Option<io::Error>> {
-    let deadline = Instant::now() + timeout;
-    let addrs: Vec<SocketAddr> =
-        match tokio::time::timeout_at(deadline, tokio::net::lookup_host((host, port))).await {
-            Ok(addrs) => addrs.map_err(Some)?.collect(),
-            Err(_) => return Err(None),
-        };
-    dial_any(&addrs, deadline).await
+/// Polls `fut` and, alongside, the HTTP/1.1 connection that carries it:
+/// on the calling task, so that request, connection and reactor never
+/// hand work to one another across tasks. A connection that ends makes
+/// hyper resolve `fut` with its error.
+async fn drive<F: Future>(mut conn: Option<Pin<&mut H1Conn>>, fut: F) -> F::Output {
+    let mut fut = pin!(fut);
+    poll_fn(|cx: &mut Context<'_>| {
+        if let Some(c) = &mut conn {
+            if c.as_mut().poll(cx).is_ready() {
+                conn = None;
+            }
+        }
+        fut.as_mut().poll(cx)
+    })
+    .await
 }
 
-async fn dial_any(addrs: &[SocketAddr], deadline: Instant) -> Result<TcpStream, Option<io::Error>> {
-    let mut last = Some(io::Error::new(
-        io::ErrorKind::NotFound,
-        "the name has no address",
-    ));
-    for (i, addr) in addrs.iter().enumerate() {
-        let share = deadline.saturating_duration_since(Instant::now()) / (addrs.len() - i) as u32;
-        match tokio::time::timeout(share, TcpStream::connect(addr)).await {
-            Ok(Ok(tcp)) => return Ok(tcp),
-            Ok(Err(e)) => last = Some(e),
-            Err(_) => last = None,
+/// Reads up to `keep` bytes of a body; true if it was read to its end
+/// (and so the connection may be reused).
+async fn read_body(
+    mut conn: Option<Pin<&mut H1Conn>>,
+    mut body: Incoming,
+    keep: usize,
+    deadline: Instant,
+) -> (Bytes, bool) {
+    let mut out = BytesMut::new();
+    loop {
+        let next = drive(conn.as_mut().map(|c| c.as_mut()), body.frame());
+        match tokio::time::timeout_at(deadline, next).await {
+            Ok(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    if out.len() + data.len() > keep {
+                        let room = keep - out.len();
+                        out.extend_from_slice(&data[..room]);
+                        return (out.freeze(), false);
+                    }
+                    out.extend_from_slice(data);
+                }
+            }
+            Ok(None) => return (out.freeze(), true),
+            Ok(Some(Err(e))) => {
+                tracing::debug!("reading a response body failed: {e}");
+                return (out.freeze(), false);
+            }
+            Err(_) => return (out.freeze(), false),
         }
     }
-    Err(last)
 }
 
-fn origin(url: &Uri) -> Result<Origin, ClientError> {
+fn timed_out(e: &(dyn StdError + 'static)) -> bool {
+    let mut source = Some(e);
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<io::Error>() {
+            if io.kind() == io::ErrorKind::TimedOut {
+                return true;
+            }
+        }
+        source = e.source();
+    }
+    false
+}
+
+fn key(url: &Uri, transport: &Transport) -> Result<Key, ClientError> {
     let tls = match url.scheme() {
         Some(s) if *s == Scheme::HTTP => false,
         Some(s) if *s == Scheme::HTTPS => true,
         _ => return Err(ClientError::Url(url.clone())),
     };
     match url.authority() {
-        Some(a) if !a.host().is_empty() && !a.as_str().contains('@') => Ok(Origin {
+        Some(a) if !a.host().is_empty() && !a.as_str().contains('@') => Ok(Key {
             tls,
             authority: a.clone(),
+            transport: transport.id(),
         }),
         _ => Err(ClientError::Url(url.clone())),
     }
 }
 
-/// The request head and body in one buffer: one write, one segment.
-/// Header names and values were validated when they were made.
-fn encode(url: &Uri, authority: &Authority, headers: &HeaderMap, body: &[u8]) -> Vec<u8> {
-    let target = url.path_and_query().map_or("/", |p| p.as_str());
-    let mut out = Vec::with_capacity(256 + body.len());
-    out.extend_from_slice(b"POST ");
-    out.extend_from_slice(target.as_bytes());
-    out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
-    out.extend_from_slice(authority.as_str().as_bytes());
-    out.extend_from_slice(b"\r\nuser-agent: ");
-    out.extend_from_slice(USER_AGENT.as_bytes());
-    out.extend_from_slice(b"\r\n");
+/// The request: origin-form target, `Host` (HTTP/1.1; hyper makes it
+/// `:authority` for HTTP/2), `User-Agent`, then the delivery's headers.
+/// hyper sets `Content-Length` from the body.
+fn build(
+    url: &Uri,
+    authority: &Authority,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Result<Request<Full<Bytes>>, ClientError> {
+    let host =
+        HeaderValue::from_str(authority.as_str()).map_err(|_| ClientError::Url(url.clone()))?;
+    let mut request = Request::post(url.clone())
+        .body(Full::new(body))
+        .map_err(|e| ClientError::Http(e.to_string()))?;
+    let out = request.headers_mut();
+    out.reserve(headers.len() + 2);
+    out.insert(http::header::HOST, host);
+    out.insert(http::header::USER_AGENT, USER_AGENT);
     for (name, value) in headers {
         if name == http::header::HOST
             || name == http::header::USER_AGENT
@@ -343,276 +587,9 @@ fn encode(url: &Uri, authority: &Authority, headers: &HeaderMap, body: &[u8]) ->
         {
             continue;
         }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        out.append(name.clone(), value.clone());
     }
-    // Writing to a Vec cannot fail.
-    let _ = write!(out, "content-length: {}\r\n\r\n", body.len());
-    out.extend_from_slice(body);
-    out
-}
-
-fn is_closed(e: &ClientError) -> bool {
-    match e {
-        ClientError::Closed => true,
-        ClientError::Io(e) => matches!(
-            e.kind(),
-            io::ErrorKind::ConnectionReset
-                | io::ErrorKind::ConnectionAborted
-                | io::ErrorKind::BrokenPipe
-                | io::ErrorKind::UnexpectedEof
-        ),
-        _ => false,
-    }
-}
-
-/// How the response body is delimited (RFC 9112 §6.3).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Framing {
-    Empty,
-    Length(u64),
-    Chunked,
-    /// Until the server closes: never reusable.
-    Close,
-}
-
-/// The parts of a response head that matter here.
-#[derive(Debug, PartialEq, Eq)]
-struct Head {
-    status: StatusCode,
-    retry_after: Option<HeaderValue>,
-    framing: Framing,
-    keep_alive: bool,
-}
-
-/// Parses a complete head at the start of `buf`: the head and its length,
-/// or `None` if more bytes are needed.
-fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, ClientError> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut response = httparse::Response::new(&mut headers);
-    let len = match response.parse(buf)? {
-        httparse::Status::Complete(len) => len,
-        httparse::Status::Partial => return Ok(None),
-    };
-    let code = response.code.unwrap_or(0);
-    let status = StatusCode::from_u16(code).map_err(|_| ClientError::Invalid("bad status code"))?;
-    let mut keep_alive = response.version == Some(1);
-    let mut length: Option<u64> = None;
-    let mut chunked = false;
-    let mut encoded = false;
-    let mut retry_after = None;
-    for h in response.headers.iter() {
-        if h.name.eq_ignore_ascii_case("content-length") {
-            let n = std::str::from_utf8(h.value)
-                .ok()
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .ok_or(ClientError::Invalid("bad content-length"))?;
-            if length.is_some_and(|l| l != n) {
-                return Err(ClientError::Invalid("conflicting content-length"));
-            }
-            length = Some(n);
-        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
-            encoded = true;
-            // Chunked must be the last coding applied.
-            chunked = h
-                .value
-                .rsplit(|&b| b == b',')
-                .next()
-                .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-        } else if h.name.eq_ignore_ascii_case("connection") {
-            if h.value
-                .split(|&b| b == b',')
-                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
-            {
-                keep_alive = false;
-            }
-        } else if h.name.eq_ignore_ascii_case("retry-after") && retry_after.is_none() {
-            retry_after = HeaderValue::from_bytes(h.value).ok();
-        }
-    }
-    let framing = if status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED
-    {
-        Framing::Empty
-    } else if encoded {
-        // Transfer-Encoding overrides Content-Length (RFC 9112 §6.3).
-        if chunked {
-            Framing::Chunked
-        } else {
-            Framing::Close
-        }
-    } else if let Some(n) = length {
-        Framing::Length(n)
-    } else {
-        Framing::Close
-    };
-    if framing == Framing::Close || (encoded && length.is_some()) {
-        keep_alive = false;
-    }
-    Ok(Some((
-        Head {
-            status,
-            retry_after,
-            framing,
-            keep_alive,
-        },
-        len,
-    )))
-}
-
-struct Conn {
-    io: Io,
-    /// Read-ahead; empty between exchanges.
-    buf: BytesMut,
-    /// True from sending a request until the first byte of its answer.
-    unanswered: bool,
-}
-
-impl Conn {
-    /// An idle connection is fit for use if the destination has not
-    /// closed it or sent anything unasked. Usually costs no syscall: the
-    /// reactor knows whether the socket became readable.
-    fn is_open(&self) -> bool {
-        let tcp = match &self.io {
-            Io::Plain(tcp) => tcp,
-            Io::Tls(tls) => tls.get_ref().0,
-        };
-        matches!(tcp.try_read(&mut [0u8; 1]), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
-    }
-
-    /// Sends the request and reads the answer: the response and whether
-    /// the connection can carry another request.
-    async fn exchange(
-        &mut self,
-        request: &[u8],
-        keep: usize,
-    ) -> Result<(Response, bool), ClientError> {
-        self.unanswered = true;
-        self.io.write_all(request).await?;
-        self.io.flush().await?;
-        let head = loop {
-            let head = self.read_head().await?;
-            // 1xx answers are interim; 101 is never asked for.
-            if !head.status.is_informational() {
-                break head;
-            }
-        };
-        let (body, complete) = match head.framing {
-            Framing::Empty => (Bytes::new(), true),
-            Framing::Length(n) => self.read_length(n, keep).await?,
-            Framing::Chunked => self.read_chunked(keep).await?,
-            Framing::Close => self.read_to_close(keep).await?,
-        };
-        let reusable = head.keep_alive && complete && self.buf.is_empty();
-        let response = Response {
-            status: head.status,
-            retry_after: head.retry_after,
-            body,
-        };
-        Ok((response, reusable))
-    }
-
-    /// Reads more into the buffer; a close is an error here.
-    async fn fill(&mut self) -> Result<(), ClientError> {
-        self.buf.reserve(8 * 1024);
-        if self.io.read_buf(&mut self.buf).await? == 0 {
-            return Err(ClientError::Closed);
-        }
-        self.unanswered = false;
-        Ok(())
-    }
-
-    async fn read_head(&mut self) -> Result<Head, ClientError> {
-        loop {
-            if !self.buf.is_empty() {
-                if let Some((head, len)) = parse_head(&self.buf)? {
-                    self.buf.advance(len);
-                    return Ok(head);
-                }
-                if self.buf.len() > MAX_HEAD {
-                    return Err(ClientError::Invalid("head too large"));
-                }
-            }
-            self.fill().await?;
-        }
-    }
-
-    /// A body of `n` bytes; `complete` is false if it was longer than
-    /// `keep` and left unread.
-    async fn read_length(&mut self, n: u64, keep: usize) -> Result<(Bytes, bool), ClientError> {
-        let Ok(n) = usize::try_from(n) else {
-            return Ok((Bytes::new(), false));
-        };
-        if n > keep {
-            return Ok((Bytes::new(), false));
-        }
-        while self.buf.len() < n {
-            self.fill().await?;
-        }
-        Ok((self.buf.split_to(n).freeze(), true))
-    }
-
-    async fn read_chunked(&mut self, keep: usize) -> Result<(Bytes, bool), ClientError> {
-        let mut body = BytesMut::new();
-        loop {
-            let size = loop {
-                match httparse::parse_chunk_size(&self.buf) {
-                    Ok(httparse::Status::Complete((len, size))) => {
-                        self.buf.advance(len);
-                        break size;
-                    }
-                    Ok(httparse::Status::Partial) if self.buf.len() < MAX_HEAD => {
-                        self.fill().await?
-                    }
-                    _ => return Err(ClientError::Invalid("bad chunk size")),
-                }
-            };
-            if size == 0 {
-                break;
-            }
-            let size = match usize::try_from(size) {
-                Ok(s) if body.len() + s <= keep => s,
-                _ => return Ok((body.freeze(), false)),
-            };
-            while self.buf.len() < size + 2 {
-                self.fill().await?;
-            }
-            body.extend_from_slice(&self.buf[..size]);
-            if &self.buf[size..size + 2] != b"\r\n" {
-                return Err(ClientError::Invalid("chunk not followed by CRLF"));
-            }
-            self.buf.advance(size + 2);
-        }
-        // Trailers, ignored, up to the empty line.
-        loop {
-            let mut trailers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-            match httparse::parse_headers(&self.buf, &mut trailers)? {
-                httparse::Status::Complete((len, _)) => {
-                    self.buf.advance(len);
-                    return Ok((body.freeze(), true));
-                }
-                httparse::Status::Partial if self.buf.len() < MAX_HEAD => self.fill().await?,
-                httparse::Status::Partial => {
-                    return Err(ClientError::Invalid("trailers too large"));
-                }
-            }
-        }
-    }
-
-    async fn read_to_close(&mut self, keep: usize) -> Result<(Bytes, bool), ClientError> {
-        while self.buf.len() <= keep {
-            match self.fill().await {
-                Ok(()) => {}
-                Err(ClientError::Closed) => break,
-                Err(e) => return Err(e),
-            }
-        }
-        let n = self.buf.len().min(keep);
-        Ok((self.buf.split_to(n).freeze(), false))
-    }
+    Ok(request)
 }
 
 enum Io {
@@ -665,155 +642,35 @@ mod tests {
     use super::*;
 
     #[test]
-    fn heads() {
-        use Framing::*;
-        let ok = |framing, keep_alive| Some((framing, keep_alive));
-        let cases: &[(&str, Option<(Framing, bool)>)] = &[
-            (
-                "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n",
-                ok(Length(2), true),
-            ),
-            (
-                "HTTP/1.1 200 OK\r\nContent-Length:  7 \r\n\r\n",
-                ok(Length(7), true),
-            ),
-            (
-                "HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\n",
-                ok(Length(2), false),
-            ),
-            (
-                "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
-                ok(Chunked, true),
-            ),
-            (
-                "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, Chunked\r\n\r\n",
-                ok(Chunked, true),
-            ),
-            (
-                "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked, gzip\r\n\r\n",
-                ok(Close, false),
-            ),
-            // Both framings: chunked wins, and the connection is not reused.
-            (
-                "HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n",
-                ok(Chunked, false),
-            ),
-            ("HTTP/1.1 200 OK\r\n\r\n", ok(Close, false)),
-            (
-                "HTTP/1.1 204 No Content\r\ncontent-length: 9\r\n\r\n",
-                ok(Empty, true),
-            ),
-            ("HTTP/1.1 304 Not Modified\r\n\r\n", ok(Empty, true)),
-            ("HTTP/1.1 100 Continue\r\n\r\n", ok(Empty, true)),
-            (
-                "HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 0\r\n\r\n",
-                ok(Length(0), false),
-            ),
-            (
-                "HTTP/1.1 200 OK\r\nConnection: keep-alive, Close\r\ncontent-length: 0\r\n\r\n",
-                ok(Length(0), false),
-            ),
-            ("HTTP/1.1 500 Oops\r\ncontent-len", None),
-        ];
-        for (raw, want) in cases {
-            let got = parse_head(raw.as_bytes()).unwrap().map(|(head, len)| {
-                assert_eq!(len, raw.len(), "{raw:?}");
-                (head.framing, head.keep_alive)
-            });
-            assert_eq!(got, *want, "{raw:?}");
-        }
-    }
-
-    #[test]
-    fn bad_heads() {
+    fn keys() {
+        let t = Transport::default();
         let cases = [
-            "HTTP/2 200\r\n\r\n",
-            "HTTP/1.1 2000 OK\r\n\r\n",
-            "HTTP/1.1 099 Low\r\n\r\n",
-            "HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n",
-            "HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\n",
-            "HTTP/1.1 200 OK\r\nbad header\r\n\r\n",
+            ("http://a.svc/x", Some((false, "a.svc"))),
+            ("https://a.svc:8443/x?y", Some((true, "a.svc:8443"))),
+            ("ftp://a.svc/", None),
+            ("http://user@a.svc/", None),
+            ("/relative", None),
         ];
-        for raw in cases {
-            assert!(parse_head(raw.as_bytes()).is_err(), "{raw:?}");
+        for (url, want) in cases {
+            let got = key(&Uri::try_from(url).unwrap(), &t).ok();
+            let got = got.map(|k| (k.tls, k.authority.to_string()));
+            assert_eq!(got, want.map(|(t, a)| (t, a.to_owned())), "{url}");
         }
     }
 
     #[test]
-    fn retry_after_is_kept() {
-        let raw =
-            b"HTTP/1.1 503 Busy\r\nRetry-After: 7\r\nretry-after: 9\r\ncontent-length: 0\r\n\r\n";
-        let (head, _) = parse_head(raw).unwrap().unwrap();
-        assert_eq!(head.status, StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(head.retry_after, Some(HeaderValue::from_static("7")));
-    }
-
-    #[test]
-    fn request_encoding() {
-        let url: Uri = "http://down.internal:8080/hooks?tenant=a%20b"
-            .parse()
-            .unwrap();
-        let to = origin(&url).unwrap();
+    fn the_request_carries_the_delivery_headers_and_ours() {
+        let url = Uri::try_from("http://a.svc:81/hook?x=1").unwrap();
         let mut headers = HeaderMap::new();
-        headers.insert("x-hookgate-rule", HeaderValue::from_static("all"));
-        // Framing headers are the client's own, never passed through.
-        headers.insert("content-length", HeaderValue::from_static("999"));
-        headers.insert("host", HeaderValue::from_static("elsewhere"));
-        let request = encode(&url, &to.authority, &headers, b"{}");
-        assert_eq!(
-            String::from_utf8(request).unwrap(),
-            format!(
-                "POST /hooks?tenant=a%20b HTTP/1.1\r\nhost: down.internal:8080\r\n\
-                 user-agent: {USER_AGENT}\r\nx-hookgate-rule: all\r\ncontent-length: 2\r\n\r\n{{}}"
-            )
-        );
-        let bare: Uri = "https://down.internal".parse().unwrap();
-        let request = encode(
-            &bare,
-            &origin(&bare).unwrap().authority,
-            &HeaderMap::new(),
-            b"",
-        );
-        assert!(request.starts_with(b"POST / HTTP/1.1\r\nhost: down.internal\r\n"));
-    }
-
-    #[test]
-    fn origins() {
-        for url in ["ftp://down/", "/relative", "http://user@down/"] {
-            let url: Uri = url.parse().unwrap();
-            assert!(origin(&url).is_err(), "{url}");
-        }
-        let a = origin(&"https://Down:443/a".parse().unwrap()).unwrap();
-        let b = origin(&"https://down:443/b".parse().unwrap()).unwrap();
-        assert_eq!(a, b, "one pool per origin, whatever the path or case");
-    }
-
-    /// An address that drops the handshake does not use up the timeout:
-    /// the next one still gets its share.
-    #[tokio::test]
-    async fn a_silent_address_leaves_time_for_the_next() {
-        // A listener whose accept queue is full drops further handshakes.
-        let silent = tokio::net::TcpSocket::new_v4().unwrap();
-        silent.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-        let silent_addr = silent.local_addr().unwrap();
-        let _silent = silent.listen(1).unwrap();
-        let mut queued = Vec::new();
-        loop {
-            let attempt = TcpStream::connect(silent_addr);
-            match tokio::time::timeout(Duration::from_millis(200), attempt).await {
-                Ok(Ok(s)) => queued.push(s),
-                _ => break,
-            }
-            assert!(queued.len() < 64, "the accept queue never filled");
-        }
-        let good = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let good_addr = good.local_addr().unwrap();
-        let started = Instant::now();
-        let deadline = started + Duration::from_secs(2);
-        let tcp = dial_any(&[silent_addr, good_addr], deadline).await.unwrap();
-        assert_eq!(tcp.peer_addr().unwrap(), good_addr);
-        assert!(started.elapsed() < Duration::from_millis(1500));
-        let err = dial_any(&[silent_addr], Instant::now() + Duration::from_millis(300)).await;
-        assert!(matches!(err, Err(None)), "a silent address times out");
+        headers.insert("x-hookgate-job-id", HeaderValue::from_static("j1"));
+        headers.insert("host", HeaderValue::from_static("evil"));
+        headers.insert("content-length", HeaderValue::from_static("99"));
+        let request = build(&url, url.authority().unwrap(), &headers, Bytes::new()).unwrap();
+        let h = request.headers();
+        assert_eq!(h["host"], "a.svc:81");
+        assert_eq!(h["x-hookgate-job-id"], "j1");
+        assert!(h["user-agent"].to_str().unwrap().starts_with("hookgate/"));
+        assert!(h.get("content-length").is_none(), "hyper sets it");
+        assert_eq!(request.uri().path_and_query().unwrap(), "/hook?x=1");
     }
 }

@@ -111,6 +111,13 @@ pub struct DeliveryConfig {
     pub mode: Mode,
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
+    /// Setting up a connection (all addresses, TCP), within `timeout`.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// A kept-alive connection older than this is not reused, so that a
+    /// destination's DNS changes reach a busy pool.
+    #[serde(with = "humantime_serde")]
+    pub connection_lifetime: Duration,
     pub max_attempts: u32,
     #[serde(with = "humantime_serde")]
     pub max_age: Duration,
@@ -250,6 +257,8 @@ impl Default for DeliveryConfig {
         Self {
             mode: Mode::Durable,
             timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(2),
+            connection_lifetime: Duration::from_secs(300),
             max_attempts: 50,
             max_age: Duration::from_secs(72 * 3600),
             stalled_after: Duration::from_secs(60),
@@ -365,6 +374,10 @@ impl Config {
             (
                 !d.direct_deadline.is_zero(),
                 "delivery.direct_deadline must be more than 0s",
+            ),
+            (
+                !d.connect_timeout.is_zero() && !d.connection_lifetime.is_zero(),
+                "delivery.connect_timeout and delivery.connection_lifetime must be more than 0s",
             ),
             (
                 !d.stalled_after.is_zero(),

@@ -1,10 +1,11 @@
 //! Sending a job to a destination: one HTTP attempt, classified, and the
 //! retry loop around it.
 //!
-//! The client ([`crate::client`]) keeps a pool of keep-alive connections
-//! per destination. Redirects are never followed (a downstream must not be
-//! able to point hookgate elsewhere), and a response body is read only as
-//! far as needed to reuse the connection, never buffered whole.
+//! The client ([`crate::client`], hyper under a pool of its own) keeps
+//! keep-alive connections per origin. Redirects are never followed (a
+//! downstream must not be able to point hookgate elsewhere), and a
+//! response body is read only as far as needed to reuse the connection,
+//! never buffered whole.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -17,11 +18,12 @@ use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use crate::backoff::{self, Backoff};
-use crate::client::{Client, ClientError, Response};
+use crate::client::{Client, ClientError, Response, Settings};
 use crate::config::DeliveryConfig;
 use crate::metrics::Metrics;
 use crate::origins::Origin;
 use crate::rules::{Destination, DestinationName, Route};
+use crate::transport::Transport;
 use crate::verify::Verified;
 
 pub const HEADER_RULE: HeaderName = HeaderName::from_static("x-hookgate-rule");
@@ -38,6 +40,8 @@ const DRAIN_LIMIT: usize = 64 * 1024;
 pub struct Delivery {
     pub destination: DestinationName,
     pub url: Uri,
+    /// How to reach it: HTTP/2, the destination's own TLS files.
+    pub transport: Transport,
     pub headers: HeaderMap,
     pub body: Bytes,
 }
@@ -46,7 +50,7 @@ impl Delivery {
     /// A delivery of a job routed just now (direct mode).
     pub fn new(verified: &Verified, job_id: &str, route: &Route<'_>, url: Uri) -> Self {
         Self::build(
-            route.destination.name.clone(),
+            route.destination,
             url,
             route.headers().map(|(n, v)| (n.clone(), v.clone())),
             route.rule.name.as_str(),
@@ -59,7 +63,7 @@ impl Delivery {
     /// Every forwarded request carries the original body and signature,
     /// the rule that sent it and the job id, after the configured headers.
     pub fn build(
-        destination: DestinationName,
+        destination: &Destination,
         url: Uri,
         configured: impl Iterator<Item = (HeaderName, HeaderValue)>,
         rule: &str,
@@ -84,8 +88,9 @@ impl Delivery {
             headers.insert(HEADER_JOB_ID, id);
         }
         Self {
-            destination,
+            destination: destination.name.clone(),
             url,
+            transport: destination.transport.clone(),
             headers,
             body,
         }
@@ -188,7 +193,10 @@ const LIMITS_KEPT: usize = 1024;
 impl Forwarder {
     pub fn new(config: &DeliveryConfig, metrics: Arc<Metrics>) -> Result<Self, ClientError> {
         Ok(Self {
-            client: Client::new(config.timeout)?,
+            client: Client::new(Settings {
+                connect_timeout: config.connect_timeout,
+                lifetime: config.connection_lifetime,
+            })?,
             defaults: Policy {
                 timeout: config.timeout,
                 max_attempts: config.max_attempts,
@@ -249,19 +257,20 @@ impl Forwarder {
         let started = Instant::now();
         let sent = self.client.post(
             &delivery.url,
+            &delivery.transport,
             &delivery.headers,
-            &delivery.body,
+            delivery.body.clone(),
             DRAIN_LIMIT,
+            started + timeout,
         );
-        let outcome = match tokio::time::timeout(timeout, sent).await {
-            Ok(Ok(Response {
+        let outcome = match sent.await {
+            Ok(Response {
                 status,
                 retry_after,
                 ..
-            })) => Outcome::from_status(status, retry_after.as_ref()),
-            Ok(Err(e)) if e.is_timeout() => Outcome::Timeout,
-            Ok(Err(e)) => Outcome::Connect(e.to_string()),
-            Err(_) => Outcome::Timeout,
+            }) => Outcome::from_status(status, retry_after.as_ref()),
+            Err(e) if e.is_timeout() => Outcome::Timeout,
+            Err(e) => Outcome::Connect(e.to_string()),
         };
         let name = delivery.destination.as_str();
         self.metrics

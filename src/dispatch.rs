@@ -780,7 +780,9 @@ impl Dispatcher {
 /// Whether two versions of a destination send to the same place the same
 /// way: otherwise a reload retries its waiting deliveries at once.
 fn same_target(a: &Destination, b: &Destination) -> bool {
-    a.url.source() == b.url.source() && a.headers == b.headers
+    a.url.source() == b.url.source()
+        && a.headers == b.headers
+        && a.transport.id() == b.transport.id()
 }
 
 /// The spool records for a routing decision: one per destination, dead at
@@ -852,7 +854,7 @@ fn request(
         .as_ref()
         .and_then(|s| http::HeaderValue::from_bytes(s).ok());
     Ok(Delivery::build(
-        destination.name.clone(),
+        destination,
         url,
         destination.headers.iter().chain(rule_headers).cloned(),
         &record.rule,

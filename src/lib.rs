@@ -51,6 +51,7 @@ pub mod server;
 pub mod spool;
 pub mod throttle;
 pub mod tools;
+pub mod transport;
 pub mod verify;
 
 use std::sync::Arc;

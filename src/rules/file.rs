@@ -21,6 +21,7 @@ use super::{
     UNROUTED, UrlTemplate,
 };
 use crate::job::RiskLevel;
+use crate::transport::{TlsFiles, Transport};
 
 /// A problem in the rules file, at a line (1-based).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,6 +96,19 @@ struct DestinationSpec {
     timeout: Option<Duration>,
     max_attempts: Option<u32>,
     concurrency: Option<usize>,
+    /// HTTP/2: offered by ALPN for https://, by prior knowledge for http://.
+    #[serde(default)]
+    http2: bool,
+    tls: Option<TlsSpec>,
+}
+
+/// A destination's own TLS files, relative to the rules file.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TlsSpec {
+    ca_file: Option<PathBuf>,
+    client_cert_file: Option<PathBuf>,
+    client_key_file: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -155,10 +169,18 @@ impl RuleSet {
                 message: format!("the file is not UTF-8 text: {e}"),
             }])
         })?;
-        Self::parse(text).map_err(fail)
+        let dir = path.parent().unwrap_or(Path::new("."));
+        Self::parse_in(text, dir).map_err(fail)
     }
 
+    /// Parses rules whose relative file names (TLS files) are relative to
+    /// the working directory.
     pub fn parse(text: &str) -> Result<Self, Vec<Problem>> {
+        Self::parse_in(text, Path::new("."))
+    }
+
+    /// Parses rules whose relative file names are relative to `dir`.
+    pub fn parse_in(text: &str, dir: &Path) -> Result<Self, Vec<Problem>> {
         let src = Source { text };
         let raw: RawFile = toml::from_str(text).map_err(|e| {
             vec![Problem {
@@ -178,7 +200,7 @@ impl RuleSet {
                     message: format!("destination {name:?}: {e}"),
                 });
             }
-            match destination(&name, value.into_inner()) {
+            match destination(&name, value.into_inner(), dir) {
                 Ok(d) => destinations.push(d),
                 Err((needle, message)) => problems.push(Problem {
                     line: src.find(&span, &needle),
@@ -371,7 +393,7 @@ fn check_name(name: &str) -> Result<(), String> {
 /// An error with the text to look for in the table to find its line.
 type Located = (String, String);
 
-fn destination(name: &str, value: Value) -> Result<Destination, Located> {
+fn destination(name: &str, value: Value, dir: &Path) -> Result<Destination, Located> {
     let spec = DestinationSpec::deserialize(value).map_err(|e| {
         let message = e.message().trim().to_owned();
         (backticked(&message).unwrap_or("url").to_owned(), message)
@@ -392,6 +414,19 @@ fn destination(name: &str, value: Value) -> Result<Destination, Located> {
     if spec.timeout.is_some_and(|t| t.is_zero()) {
         return Err(("timeout".into(), "`timeout` must be more than 0s".into()));
     }
+    let files = spec.tls.map(|tls| TlsFiles {
+        ca_file: tls.ca_file.map(|f| dir.join(f)),
+        client_cert_file: tls.client_cert_file.map(|f| dir.join(f)),
+        client_key_file: tls.client_key_file.map(|f| dir.join(f)),
+    });
+    if files.is_some() && url.source().starts_with("http://") {
+        return Err((
+            "tls".into(),
+            "`tls` is for https:// URLs; this one is http://".into(),
+        ));
+    }
+    let transport = Transport::new(spec.http2, files.as_ref())
+        .map_err(|e| ("tls".to_owned(), format!("tls: {e}")))?;
     Ok(Destination {
         name: DestinationName(name.into()),
         url,
@@ -399,6 +434,7 @@ fn destination(name: &str, value: Value) -> Result<Destination, Located> {
         timeout: spec.timeout,
         max_attempts: spec.max_attempts,
         concurrency: spec.concurrency,
+        transport,
     })
 }
 

@@ -17,6 +17,7 @@ use serde::Serialize;
 
 use crate::job::{Job, RiskLevel};
 use crate::query::Query;
+use crate::transport::Transport;
 
 pub use file::{LoadError, Problem};
 pub use template::{TemplateError, UrlTemplate};
@@ -80,6 +81,9 @@ pub struct Destination {
     pub timeout: Option<Duration>,
     pub max_attempts: Option<u32>,
     pub concurrency: Option<usize>,
+    /// HTTP/2 and the destination's own TLS files, read when the rules
+    /// loaded.
+    pub transport: Transport,
 }
 
 #[derive(Debug)]

@@ -17,9 +17,10 @@ mod route;
 
 pub use route::{route, test};
 
-use crate::client::Client;
+use crate::client::{Client, Settings};
 use crate::config::Config;
 use crate::rules::RuleSet;
+use crate::transport::Transport;
 use crate::verify::{self, Secret, Verifier};
 
 /// Validates the config and the rules it names, printing every problem.
@@ -111,12 +112,22 @@ pub async fn send(url: &str, secret_env: Option<&str>, payload: &Path) -> anyhow
         let signature = verify::sign(&secret_from_env(var)?, &body);
         headers.insert(crate::deliver::HEADER_SIGNATURE, signature.parse()?);
     }
-    let client = Client::new(Duration::from_secs(10))?;
+    let client = Client::new(Settings {
+        connect_timeout: Duration::from_secs(10),
+        lifetime: Duration::from_secs(60),
+    })?;
     // An answer is a status and a short message; more is not printed.
-    let sent = client.post(&uri, &headers, &body, 64 * 1024);
-    let response = tokio::time::timeout(Duration::from_secs(30), sent)
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let response = client
+        .post(
+            &uri,
+            &Transport::default(),
+            &headers,
+            body.into(),
+            64 * 1024,
+            deadline,
+        )
         .await
-        .with_context(|| format!("no answer from {url} within 30 s"))?
         .with_context(|| format!("cannot POST to {url}"))?;
     let status = response.status;
     let text = String::from_utf8_lossy(&response.body);
