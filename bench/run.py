@@ -227,8 +227,8 @@ level = "warn"
     return d / "hookgate.toml"
 
 
-def start_hookgate(conf: pathlib.Path) -> Server:
-    return Server([str(HOOKGATE), "serve", "--config", str(conf)], env={"BENCH_SECRET": SECRET},
+def start_hookgate(conf: pathlib.Path, binary: pathlib.Path = HOOKGATE) -> Server:
+    return Server([str(binary), "serve", "--config", str(conf)], env={"BENCH_SECRET": SECRET},
                   ready=f"http://127.0.0.1:{ADMIN_PORT}/readyz")
 
 
@@ -286,7 +286,7 @@ def measure(name, server: Server, sink: Server, url, bodies, args) -> dict:
     }
 
 
-def scenarios(tmp: pathlib.Path, python: pathlib.Path | None):
+def scenarios(tmp: pathlib.Path, python: pathlib.Path | None, baseline: pathlib.Path | None):
     sink_url = f"http://127.0.0.1:{SINK_PORT}/hook"
     url = f"http://127.0.0.1:{SERVER_PORT}/results"
     proxy = 'proxy_pass http://sink; proxy_http_version 1.1; proxy_set_header Connection "";'
@@ -297,6 +297,12 @@ def scenarios(tmp: pathlib.Path, python: pathlib.Path | None):
         ("hookgate direct", lambda: start_hookgate(hookgate_conf(tmp, "direct", sink_url)), url),
         ("hookgate durable", lambda: start_hookgate(hookgate_conf(tmp, "durable", sink_url)), url),
     ]
+    if baseline:
+        # An earlier build, side by side with this one: before and after.
+        out += [
+            ("baseline direct", lambda: start_hookgate(hookgate_conf(tmp, "direct", sink_url), baseline), url),
+            ("baseline durable", lambda: start_hookgate(hookgate_conf(tmp, "durable", sink_url), baseline), url),
+        ]
     if python:
         out += [
             ("fastapi+httpx", lambda: start_python("fastapi_httpx", python, CORES), url),
@@ -386,11 +392,11 @@ def idle_rss(tmp: pathlib.Path) -> dict:
     return out
 
 
-def scale(tmp: pathlib.Path, count: int, args) -> dict:
+def scale(tmp: pathlib.Path, count: int, args, binary: pathlib.Path = HOOKGATE) -> dict:
     """Downstream down; `count` webhooks accepted in durable mode; RSS over
     time; spool bytes per webhook; then the drain rate once it is up."""
     conf = hookgate_conf(tmp, "durable", f"http://127.0.0.1:{SINK_PORT + 1}/hook", verify=False)
-    server = start_hookgate(conf)
+    server = start_hookgate(conf, binary)
     metrics_url = f"http://127.0.0.1:{ADMIN_PORT}/metrics"
 
     def gauge(name: str) -> float:
@@ -443,7 +449,12 @@ def main() -> None:
     ap.add_argument("--python", type=pathlib.Path, help="a Python with fastapi, uvicorn, httpx, aiohttp")
     ap.add_argument("--only", action="append", help="run only scenarios whose name contains this")
     ap.add_argument("--scale", type=int, metavar="N", help="also run the scale scenario with N webhooks")
+    ap.add_argument("--baseline", type=pathlib.Path, metavar="BINARY",
+                    help="an earlier hookgate build, run as 'baseline direct' and 'baseline durable' "
+                         "(and in the scale scenario) beside this one")
     args = ap.parse_args()
+    if args.baseline:
+        args.baseline = args.baseline.resolve()
 
     results_dir = HERE / "results"
     results_dir.mkdir(exist_ok=True)
@@ -455,7 +466,7 @@ def main() -> None:
         sink = nginx(nginx_conf(tmp, "sink", 1, SINK_PORT, 'return 200 "ok";'), SINK_PORT)
         runs = []
         try:
-            plan = scenarios(tmp, args.python)
+            plan = scenarios(tmp, args.python, args.baseline)
             if args.only:
                 plan = [p for p in plan if any(o in p[0] for o in args.only)]
             for rep in range(args.repeat):
@@ -472,20 +483,23 @@ def main() -> None:
                           flush=True)
             rss = idle_rss(tmp)
             scaled = scale(tmp, args.scale, args) if args.scale else None
+            scaled_baseline = (scale(tmp, args.scale, args, args.baseline)
+                               if args.scale and args.baseline else None)
         finally:
             sink.stop()
     summary = summarize(runs)
     text = report(summary, args) if runs else "(no throughput scenarios selected)"
     text += f"\nidle RSS: direct {rss['direct']:.1f} MiB, durable {rss['durable']:.1f} MiB"
-    if scaled:
-        text += (f"\nscale: {scaled['queued']} queued with the downstream down: peak RSS {scaled['rss_mib_max']} MiB, "
-                 f"spool {scaled['spool_bytes_per_webhook']:.0f} bytes/webhook on disk; drained at "
-                 f"{scaled['drain_rate_per_s']:.0f}/s once it was back (first delivery after {scaled['drain_wait_s']:.1f} s)")
+    for label, run in (("scale", scaled), ("scale (baseline)", scaled_baseline)):
+        if run:
+            text += (f"\n{label}: {run['queued']} queued with the downstream down: peak RSS {run['rss_mib_max']} MiB, "
+                     f"spool {run['spool_bytes_per_webhook']:.0f} bytes/webhook on disk; drained at "
+                     f"{run['drain_rate_per_s']:.0f}/s once it was back (first delivery after {run['drain_wait_s']:.1f} s)")
     print("\n" + text)
     stamp = time.strftime("%Y%m%dT%H%M%S")
     (results_dir / f"{stamp}.json").write_text(json.dumps(
-        {"args": vars(args) | {"python": str(args.python)}, "runs": runs, "summary": summary, "idle_rss_mib": rss,
-         "scale": scaled}, indent=2))
+        {"args": vars(args) | {"python": str(args.python), "baseline": str(args.baseline)}, "runs": runs, "summary": summary, "idle_rss_mib": rss,
+         "scale": scaled, "scale_baseline": scaled_baseline}, indent=2))
     (results_dir / f"{stamp}.txt").write_text(text + "\n")
     print(f"\nresults: bench/results/{stamp}.json")
 

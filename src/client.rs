@@ -204,14 +204,8 @@ impl Client {
             config.alpn_protocols = alpn(http2);
             Ok(TlsConnector::from(Arc::new(config)))
         };
-        let mut connector = HttpConnector::new();
-        connector.enforce_http(false);
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(settings.connect_timeout));
-        connector.set_happy_eyeballs_timeout(Some(HAPPY_EYEBALLS));
-        connector.set_keepalive(Some(TCP_KEEPALIVE));
         Ok(Self {
-            connector,
+            connector: connector(HttpConnector::new(), &settings),
             platform: [platform(false)?, platform(true)?],
             settings,
             pool: Pool::new(),
@@ -473,6 +467,17 @@ impl Client {
     }
 }
 
+/// Connecting: both schemes (TLS is layered on here), no Nagle delay, the
+/// connect timeout, Happy Eyeballs, TCP keepalive.
+fn connector<R: Clone>(mut connector: HttpConnector<R>, settings: &Settings) -> HttpConnector<R> {
+    connector.enforce_http(false);
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(settings.connect_timeout));
+    connector.set_happy_eyeballs_timeout(Some(HAPPY_EYEBALLS));
+    connector.set_keepalive(Some(TCP_KEEPALIVE));
+    connector
+}
+
 impl Pool {
     fn new() -> Mutex<Self> {
         Mutex::new(Self {
@@ -640,6 +645,79 @@ impl AsyncWrite for Io {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A name's addresses as a resolver would give them.
+    #[derive(Clone)]
+    struct Fixed(Vec<std::net::SocketAddr>);
+
+    impl Service<hyper_util::client::legacy::connect::dns::Name> for Fixed {
+        type Response = std::vec::IntoIter<std::net::SocketAddr>;
+        type Error = io::Error;
+        type Future = std::future::Ready<Result<Self::Response, io::Error>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), io::Error>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: hyper_util::client::legacy::connect::dns::Name) -> Self::Future {
+            std::future::ready(Ok(self.0.clone().into_iter()))
+        }
+    }
+
+    /// A listener whose accept queue is full: handshakes to it go
+    /// unanswered, as to an address whose packets are dropped.
+    async fn silent(addr: &str) -> (tokio::net::TcpListener, Vec<TcpStream>) {
+        let addr: std::net::SocketAddr = addr.parse().unwrap();
+        let socket = if addr.is_ipv6() {
+            tokio::net::TcpSocket::new_v6().unwrap()
+        } else {
+            tokio::net::TcpSocket::new_v4().unwrap()
+        };
+        socket.bind(addr).unwrap();
+        let listener = socket.listen(1).unwrap();
+        let bound = listener.local_addr().unwrap();
+        let mut queued = Vec::new();
+        loop {
+            let attempt = TcpStream::connect(bound);
+            match tokio::time::timeout(Duration::from_millis(200), attempt).await {
+                Ok(Ok(s)) => queued.push(s),
+                _ => break,
+            }
+            assert!(queued.len() < 64, "the accept queue never filled");
+        }
+        (listener, queued)
+    }
+
+    /// Happy Eyeballs: the first address (IPv6) drops the handshake; the
+    /// second (IPv4) is tried 300 ms later, not after the first's share of
+    /// the connect timeout.
+    #[tokio::test]
+    async fn an_unreachable_first_address_leaves_the_next_within_300_ms() {
+        let (silent, _queued) = silent("[::1]:0").await;
+        let port = silent.local_addr().unwrap().port();
+        let good = match tokio::net::TcpListener::bind(("127.0.0.1", port)).await {
+            Ok(l) => l,
+            Err(e) => panic!("127.0.0.1:{port} is taken ({e}); run again"),
+        };
+        let addrs = vec![
+            format!("[::1]:{port}").parse().unwrap(),
+            format!("127.0.0.1:{port}").parse().unwrap(),
+        ];
+        let settings = Settings {
+            connect_timeout: Duration::from_secs(4),
+            lifetime: Duration::from_secs(60),
+        };
+        let mut c = connector(HttpConnector::new_with_resolver(Fixed(addrs)), &settings);
+        let started = Instant::now();
+        let uri = Uri::try_from(format!("http://two-addresses.test:{port}/")).unwrap();
+        let tcp = c.call(uri).await.unwrap().into_inner();
+        let took = started.elapsed();
+        assert_eq!(tcp.peer_addr().unwrap(), good.local_addr().unwrap());
+        assert!(
+            took >= Duration::from_millis(250) && took < Duration::from_millis(900),
+            "connected after {took:?}"
+        );
+    }
 
     #[test]
     fn keys() {

@@ -10,6 +10,7 @@ mod hardening;
 mod ingress;
 mod observability;
 mod properties;
+mod protocol;
 mod reload;
 mod routing;
 mod shutdown;
