@@ -238,7 +238,7 @@ impl Client {
     ) -> Result<Response, ClientError> {
         let key = key(url, transport)?;
         let mut request = build(url, &key.authority, headers, body)?;
-        if let Some(pooled) = self.checkout(&key).await {
+        if let Some(pooled) = self.checkout(&key) {
             match self.exchange(&key, pooled, request, keep, deadline).await {
                 Ok(response) => return Ok(response),
                 // Never written: the connection closed while idle.
@@ -258,13 +258,13 @@ impl Client {
         }
     }
 
-    /// A pooled connection for `key` that is still open. An HTTP/1.1
-    /// connection is polled once: hyper notices a close the reactor has
-    /// seen, without a syscall otherwise.
-    async fn checkout(&self, key: &Key) -> Option<Pooled> {
+    /// A pooled connection for `key` that is not known to be closed. One
+    /// that the destination closed while it sat idle is found by hyper
+    /// when the request is sent on it: it hands the request back unsent.
+    fn checkout(&self, key: &Key) -> Option<Pooled> {
         let now = Instant::now();
         loop {
-            let mut pooled = {
+            let pooled = {
                 let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
                 let conns = pool.idle.get_mut(key)?;
                 // Newest first: under a steady load the oldest age out.
@@ -281,14 +281,12 @@ impl Client {
                 }
                 conns.pop()?
             };
-            if pooled.expired(now, self.settings.lifetime) {
-                continue;
-            }
-            if let Conn::H1 { sender, conn } = &mut pooled.conn {
-                let open = poll_fn(|cx| Poll::Ready(conn.as_mut().poll(cx).is_pending())).await;
-                if open && sender.is_ready() {
-                    return Some(pooled);
-                }
+            let usable = match &pooled.conn {
+                Conn::H1 { sender, .. } => sender.is_ready(),
+                Conn::H2(sender) => !sender.is_closed(),
+            };
+            if usable && !pooled.expired(now, self.settings.lifetime) {
+                return Some(pooled);
             }
         }
     }
@@ -440,11 +438,15 @@ impl Client {
         };
         let (head, body) = response.into_parts();
         let retry_after = head.headers.get(http::header::RETRY_AFTER).cloned();
-        let (body, complete) = match &mut pooled.conn {
-            Conn::H1 { conn, .. } => read_body(Some(conn.as_mut()), body, keep, deadline).await,
-            Conn::H2(_) => read_body(None, body, keep, deadline).await,
+        let conn = match &mut pooled.conn {
+            Conn::H1 { conn, .. } => Some(conn.as_mut()),
+            Conn::H2(_) => None,
         };
-        if complete && self.reusable(&mut pooled, deadline).await {
+        // Given up at the deadline, the body is left out; the status stands.
+        let (body, complete) = tokio::time::timeout_at(deadline, read_body(conn, body, keep))
+            .await
+            .unwrap_or_default();
+        if complete && reusable(&mut pooled).await {
             self.checkin(key, pooled);
         }
         Ok(Response {
@@ -453,17 +455,20 @@ impl Client {
             body,
         })
     }
+}
 
-    /// Whether a connection whose exchange is complete can carry another
-    /// request: hyper has it ready for one (not closing, say).
-    async fn reusable(&self, pooled: &mut Pooled, deadline: Instant) -> bool {
-        match &mut pooled.conn {
-            Conn::H1 { sender, conn } => {
-                let ready = drive(Some(conn.as_mut()), poll_fn(|cx| sender.poll_ready(cx)));
-                matches!(tokio::time::timeout_at(deadline, ready).await, Ok(Ok(())))
-            }
-            Conn::H2(sender) => !sender.is_closed(),
+/// Whether a connection whose exchange is complete can carry another
+/// request: polled once more, hyper has it waiting for one (not closing).
+async fn reusable(pooled: &mut Pooled) -> bool {
+    match &mut pooled.conn {
+        Conn::H1 { sender, conn } => {
+            poll_fn(|cx| {
+                let open = conn.as_mut().poll(cx).is_pending();
+                Poll::Ready(open && sender.is_ready())
+            })
+            .await
         }
+        Conn::H2(sender) => !sender.is_closed(),
     }
 }
 
@@ -510,13 +515,11 @@ async fn read_body(
     mut conn: Option<Pin<&mut H1Conn>>,
     mut body: Incoming,
     keep: usize,
-    deadline: Instant,
 ) -> (Bytes, bool) {
     let mut out = BytesMut::new();
     loop {
-        let next = drive(conn.as_mut().map(|c| c.as_mut()), body.frame());
-        match tokio::time::timeout_at(deadline, next).await {
-            Ok(Some(Ok(frame))) => {
+        match drive(conn.as_mut().map(|c| c.as_mut()), body.frame()).await {
+            Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {
                     if out.len() + data.len() > keep {
                         let room = keep - out.len();
@@ -526,12 +529,11 @@ async fn read_body(
                     out.extend_from_slice(data);
                 }
             }
-            Ok(None) => return (out.freeze(), true),
-            Ok(Some(Err(e))) => {
+            None => return (out.freeze(), true),
+            Some(Err(e)) => {
                 tracing::debug!("reading a response body failed: {e}");
                 return (out.freeze(), false);
             }
-            Err(_) => return (out.freeze(), false),
         }
     }
 }

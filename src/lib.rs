@@ -14,7 +14,8 @@
 //! - [`rules`]: pure routing, a job and its query in, a
 //!   [`rules::Decision`] out; also reads and checks `rules.toml`.
 //! - [`deliver`]: HTTP attempts to destinations, classified and retried
-//!   with [`backoff`], made by the lean HTTP/1.1 [`client`].
+//!   with [`backoff`], made by [`client`] (hyper under a per-origin pool)
+//!   over each destination's [`transport`] (HTTP/2, its own TLS files).
 //! - [`spool`]: the crash-safe on-disk queue (redb, group commit);
 //!   [`dispatch`]: the per-destination workers (lanes) that drain it, with the
 //!   rules in force at each attempt, deciding with [`schedule`] when to
