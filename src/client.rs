@@ -52,8 +52,6 @@ use crate::transport::{Transport, alpn, install_provider};
 /// Every request names its sender.
 const USER_AGENT: HeaderValue =
     HeaderValue::from_static(concat!("hookgate/", env!("CARGO_PKG_VERSION")));
-/// Response headers accepted before the head is refused.
-const MAX_HEADERS: usize = 500;
 /// Idle connections kept per origin; more are closed when returned.
 const MAX_IDLE: usize = 1024;
 /// An idle connection older than this is closed instead of reused.
@@ -376,7 +374,6 @@ impl Client {
             Conn::H2(sender)
         } else {
             let (sender, conn) = http1::Builder::new()
-                .max_headers(MAX_HEADERS)
                 .handshake(io)
                 .await
                 .map_err(ClientError::http)?;
