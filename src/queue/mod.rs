@@ -1,0 +1,3 @@
+//! What was accepted and is not yet delivered.
+
+pub mod embedded;
