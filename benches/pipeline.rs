@@ -6,10 +6,10 @@ use std::path::Path;
 
 use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use hookgate::job::Job;
-use hookgate::query::Query;
 use hookgate::rules::{Input, RuleSet};
-use hookgate::verify::{self, Secret, Verifier};
+use hookgate::webhook::job::Job;
+use hookgate::webhook::query::Query;
+use hookgate::webhook::verify::{self, Secret, Verifier};
 
 const SECRET: &[u8] = b"a-benchmark-secret-of-32-bytes!!";
 

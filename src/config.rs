@@ -3,7 +3,7 @@
 //!
 //! Parsed and checked once into typed values before any port is bound.
 //! Secrets are never in this file: it names where they are (an environment
-//! variable or a file), and [`Config::secrets`] reads them.
+//! variable or a file), and [`Config::secret_keys`] reads them.
 
 use std::fmt;
 use std::net::SocketAddr;

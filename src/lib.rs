@@ -2,34 +2,37 @@
 //!
 //! # Layout
 //!
-//! A webhook flows through the modules in one direction:
+//! A webhook flows through the parts in one direction; read top to
+//! bottom, each uses only those below it:
 //!
+//! - [`ingress`]: the webhook port. [`ingress::server`] is the thin HTTP
+//!   layer (warp on hyper; limits, timeouts, one single-threaded runtime
+//!   per core); [`ingress::pipeline`] takes one webhook through verify,
+//!   parse, route, then onward: queued (durable) or forwarded (direct).
+//! - [`ops`]: the operator's port ([`ops::admin`]: metrics, health,
+//!   reload, the dead-letter API) and the live rules ([`ops::reload`]).
+//! - [`tools`]: the operator commands (`check`, `route`, `test`, `sign`,
+//!   `send`, `listen`).
+//! - [`delivery`]: getting a job to a destination. [`delivery::lanes`]
+//!   drain the queue, one lane per destination, with the rules in force at
+//!   each attempt; [`delivery::origins`] isolates a destination's hosts;
+//!   [`delivery::schedule`] and [`delivery::backoff`] decide when to retry
+//!   and when to give up (pure); [`delivery::attempt`] makes and classifies
+//!   one attempt with [`delivery::client`] (hyper under a per-origin pool).
+//! - [`queue`]: what was accepted and is not yet delivered:
+//!   [`queue::embedded`], the crash-safe spool (redb, group commit).
+//! - [`metrics`]: the Prometheus registry everything above reports to;
+//!   [`throttle`]: rate-limited log lines for warnings that come in bursts.
+//! - [`rules`]: pure routing, a job and its query in, a
+//!   [`rules::Decision`] out; also reads and checks `rules.toml`, with each
+//!   destination's [`transport`] (HTTP/2, its own TLS files).
+//! - [`webhook`]: what arrived, pure: [`webhook::verify`] checks the HMAC
+//!   over the raw bytes and makes the [`webhook::verify::Verified`] body
+//!   everything after it requires; [`webhook::job`] parses the moderation
+//!   result from it without copying; [`webhook::query`] holds the
+//!   customer's callback query parameters.
 //! - [`config`]: the gateway file (defaults ← TOML ← `HOOKGATE_` env), typed
 //!   and checked once.
-//! - [`verify`]: the HMAC signature over the raw bytes; makes the
-//!   [`verify::Verified`] body that everything after it requires.
-//! - [`job`]: the moderation result, parsed from a verified body without
-//!   copying.
-//! - [`query`]: the customer's callback query parameters.
-//! - [`rules`]: pure routing, a job and its query in, a
-//!   [`rules::Decision`] out; also reads and checks `rules.toml`.
-//! - [`deliver`]: HTTP attempts to destinations, classified and retried
-//!   with [`backoff`], made by [`client`] (hyper under a per-origin pool)
-//!   over each destination's [`transport`] (HTTP/2, its own TLS files).
-//! - [`spool`]: the crash-safe on-disk queue (redb, group commit);
-//!   [`dispatch`]: the per-destination workers (lanes) that drain it, with the
-//!   rules in force at each attempt, deciding with [`schedule`] when to
-//!   retry and when to give up, and with [`origins`] which origin of a
-//!   destination may take an attempt now.
-//! - [`metrics`]: the Prometheus registry everything above reports to.
-//! - [`reload`]: watches the rules file and publishes each valid version
-//!   whole.
-//! - [`gateway`]: the pipeline for one webhook, and the answer it gets.
-//! - [`server`]: the thin HTTP layer (warp on hyper), one single-threaded
-//!   runtime per core for the webhook port; [`admin`] for the admin port.
-//! - [`throttle`]: rate-limited log lines for warnings that come in bursts.
-//! - [`tools`]: the operator commands (`check`, `route`, `sign`, `send`,
-//!   `listen`).
 //!
 //! [`run`] wires them together; `main.rs` only parses the command line.
 
@@ -45,30 +48,22 @@ pub mod tools;
 pub mod transport;
 pub mod webhook;
 
-// The modules' paths before the folders; replaced in the next commit.
-pub use delivery::{attempt as deliver, backoff, client, lanes as dispatch, origins, schedule};
-pub(crate) use delivery::lane;
-pub use ingress::{pipeline as gateway, server};
-pub use ops::{admin, reload};
-pub use queue::embedded as spool;
-pub use webhook::{job, query, verify};
-
 use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::admin::AdminState;
-use crate::client::ClientError;
 use crate::config::{Config, ConfigError, Mode};
-use crate::deliver::Forwarder;
-use crate::dispatch::Dispatcher;
-use crate::gateway::Dispatch;
-use crate::gateway::Gateway;
+use crate::delivery::attempt::Attempts;
+use crate::delivery::client::ClientError;
+use crate::delivery::lanes::Lanes;
+use crate::ingress::pipeline::Onward;
+use crate::ingress::pipeline::Pipeline;
 use crate::metrics::Metrics;
-use crate::reload::{Reloader, Secrets};
+use crate::ops::admin::AdminState;
+use crate::ops::reload::{Reloader, Secrets};
+use crate::queue::embedded::{OpenError, Spool};
 use crate::rules::LoadError;
-use crate::spool::{OpenError, Spool};
 
 /// The two ports, bound by the caller (tests bind port 0).
 pub struct Listeners {
@@ -128,10 +123,10 @@ pub async fn run(
 
     let draining = CancellationToken::new();
     let in_flight = TaskTracker::new();
-    let forwarder = Forwarder::new(&config.delivery, metrics.clone())?;
+    let forwarder = Attempts::new(&config.delivery, metrics.clone())?;
     let (dispatch, dispatcher) = match config.delivery.mode {
         Mode::Direct => (
-            Dispatch::Direct {
+            Onward::Direct {
                 forwarder: Box::new(forwarder),
                 deadline: config.delivery.direct_deadline,
             },
@@ -139,10 +134,10 @@ pub async fn run(
         ),
         Mode::Durable => {
             let dispatcher = open_spool(&config, forwarder, metrics.clone(), rules_rx.clone())?;
-            (Dispatch::Durable(dispatcher.clone()), Some(dispatcher))
+            (Onward::Durable(dispatcher.clone()), Some(dispatcher))
         }
     };
-    let gateway = Gateway::new(
+    let gateway = Pipeline::new(
         verifier,
         rules_rx,
         dispatch,
@@ -168,12 +163,12 @@ pub async fn run(
         gateways.push(gateway.fork());
     }
     gateways.push(gateway);
-    let webhook_workers = server::Workers::start(
+    let webhook_workers = ingress::server::Workers::start(
         "hookgate-web",
         gateways
             .into_iter()
             .map(|gateway| {
-                server::webhook_routes(
+                ingress::server::webhook_routes(
                     Arc::new(gateway),
                     in_flight.clone(),
                     &config.server.path,
@@ -189,9 +184,9 @@ pub async fn run(
         Ok(workers) => workers,
         Err(e) => return Err(abandon(dispatcher, e).await),
     };
-    let admin_workers = server::Workers::start(
+    let admin_workers = ingress::server::Workers::start(
         "hookgate-admin",
-        vec![admin::routes(Arc::new(AdminState {
+        vec![ops::admin::routes(Arc::new(AdminState {
             metrics,
             draining: draining.clone(),
             reloader: reloader.clone(),
@@ -205,13 +200,13 @@ pub async fn run(
         Ok(workers) => workers,
         Err(e) => return Err(abandon(dispatcher, e).await),
     };
-    let webhook_server = tokio::spawn(server::serve(
+    let webhook_server = tokio::spawn(ingress::server::serve(
         webhook_listener,
         webhook_workers,
         config.server.max_connections,
         stop.clone(),
     ));
-    let admin_server = tokio::spawn(server::serve(
+    let admin_server = tokio::spawn(ingress::server::serve(
         admin_listener,
         admin_workers,
         config.server.max_connections,
@@ -248,7 +243,7 @@ pub async fn run(
 
 /// A server thread could not start after the spool was opened: the
 /// delivery thread is stopped and the spool closed before giving up.
-async fn abandon(dispatcher: Option<Arc<Dispatcher>>, e: std::io::Error) -> Error {
+async fn abandon(dispatcher: Option<Arc<Lanes>>, e: std::io::Error) -> Error {
     if let Some(dispatcher) = dispatcher {
         dispatcher.shutdown(std::time::Duration::ZERO).await;
     }
@@ -258,10 +253,10 @@ async fn abandon(dispatcher: Option<Arc<Dispatcher>>, e: std::io::Error) -> Erro
 /// Opens the spool and resumes what it holds.
 fn open_spool(
     config: &Config,
-    forwarder: Forwarder,
+    forwarder: Attempts,
     metrics: Arc<Metrics>,
     rules: tokio::sync::watch::Receiver<Arc<rules::RuleSet>>,
-) -> Result<Arc<Dispatcher>, Error> {
+) -> Result<Arc<Lanes>, Error> {
     let (spool, recovered) = Spool::open(
         &config.spool.path,
         config.spool.max_bytes.0,
@@ -307,12 +302,12 @@ fn open_spool(
         path = %config.spool.path.display(),
         "spool opened"
     );
-    let dispatcher = Dispatcher::new(
+    let dispatcher = Lanes::new(
         Arc::new(spool),
         Arc::new(forwarder),
         metrics,
         rules,
-        dispatch::Limits {
+        delivery::lanes::Limits {
             max_age: config.delivery.max_age,
             stalled_after: config.delivery.stalled_after,
         },

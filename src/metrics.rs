@@ -15,8 +15,8 @@ use prometheus::{
     IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::job::{Job, RiskLevel};
 use crate::rules::{RuleSet, UNROUTED};
+use crate::webhook::job::{Job, RiskLevel};
 
 /// Rejection reasons, all exported at zero from start-up.
 pub const REJECT_REASONS: &[&str] = &[

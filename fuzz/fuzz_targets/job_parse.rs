@@ -1,7 +1,7 @@
 //! Any bytes as a job: parsed or refused, never a panic.
 #![no_main]
 
-use hookgate::job::Job;
+use hookgate::webhook::job::Job;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|body: &[u8]| {

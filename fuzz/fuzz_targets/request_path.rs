@@ -5,10 +5,10 @@
 use std::sync::OnceLock;
 
 use bytes::Bytes;
-use hookgate::job::Job;
-use hookgate::query::Query;
+use hookgate::webhook::job::Job;
+use hookgate::webhook::query::Query;
 use hookgate::rules::{Input, RuleSet};
-use hookgate::verify::{self, Secret, Verifier};
+use hookgate::webhook::verify::{self, Secret, Verifier};
 use libfuzzer_sys::fuzz_target;
 
 const KEY: &[u8] = b"fuzz-secret-0123456789";

@@ -2,7 +2,7 @@
 #![no_main]
 
 use bytes::Bytes;
-use hookgate::verify::{Secret, Verifier};
+use hookgate::webhook::verify::{Secret, Verifier};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|input: (&[u8], &[u8])| {
@@ -17,5 +17,5 @@ fuzz_target!(|input: (&[u8], &[u8])| {
             headers.append("x-hub-signature-256", v);
         }
     }
-    let _ = hookgate::verify::signature_header(&headers);
+    let _ = hookgate::webhook::verify::signature_header(&headers);
 });

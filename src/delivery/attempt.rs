@@ -1,7 +1,7 @@
 //! Sending a job to a destination: one HTTP attempt, classified, and the
 //! retry loop around it.
 //!
-//! The client ([`crate::client`], hyper under a pool of its own) keeps
+//! The client ([`crate::delivery::client`], hyper under a pool of its own) keeps
 //! keep-alive connections per origin. Redirects are never followed (a
 //! downstream must not be able to point hookgate elsewhere), and a
 //! response body is read only as far as needed to reuse the connection,
@@ -17,14 +17,14 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
-use crate::backoff::{self, Backoff};
-use crate::client::{Client, ClientError, Response, Settings};
 use crate::config::DeliveryConfig;
+use crate::delivery::backoff::{self, Backoff};
+use crate::delivery::client::{Client, ClientError, Response, Settings};
+use crate::delivery::origins::Origin;
 use crate::metrics::Metrics;
-use crate::origins::Origin;
 use crate::rules::{Destination, DestinationName, Route};
 use crate::transport::Transport;
-use crate::verify::Verified;
+use crate::webhook::verify::Verified;
 
 pub const HEADER_RULE: HeaderName = HeaderName::from_static("x-hookgate-rule");
 pub const HEADER_JOB_ID: HeaderName = HeaderName::from_static("x-hookgate-job-id");
@@ -175,7 +175,10 @@ impl std::fmt::Display for Outcome {
     }
 }
 
-pub struct Forwarder {
+/// Makes attempts to destinations: the HTTP client, each destination's
+/// limits and the backoff; in direct mode, also the retries of one
+/// webhook within its deadline.
+pub struct Attempts {
     client: Client,
     defaults: Policy,
     backoff: Backoff,
@@ -190,7 +193,7 @@ type OriginLimits = HashMap<(DestinationName, Origin), Arc<Semaphore>>;
 /// dropped, so that values filling URL templates cannot grow the map.
 const LIMITS_KEPT: usize = 1024;
 
-impl Forwarder {
+impl Attempts {
     pub fn new(config: &DeliveryConfig, metrics: Arc<Metrics>) -> Result<Self, ClientError> {
         Ok(Self {
             client: Client::new(Settings {

@@ -16,9 +16,9 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::origins::{CircuitEvent, Origin, Origins};
+use crate::delivery::origins::{CircuitEvent, Origin, Origins};
+use crate::queue::embedded::{OnDisk, ReadBack, SpoolError, unix_ms};
 use crate::rules::DestinationName;
-use crate::spool::{OnDisk, ReadBack, SpoolError, unix_ms};
 
 /// The instant of a stored wall-clock time, for timers.
 pub(crate) fn instant_of(ms: u64) -> Instant {
@@ -335,7 +335,7 @@ impl Lane {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spool::Record;
+    use crate::queue::embedded::Record;
 
     fn lane(capacity: usize) -> Lane {
         Lane::new(DestinationName::from("d"), capacity)

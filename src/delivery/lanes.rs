@@ -8,10 +8,10 @@
 //! for it; a destination gone from the rules turns its deliveries into
 //! dead letters, replayable once it is back.
 //!
-//! Each destination's lane (`src/lane.rs`) holds its due deliveries, a
+//! Each destination's lane (`lane.rs`) holds its due deliveries, a
 //! bounded number in memory and the rest on disk. Within a lane each origin
 //! of the destination's URL (one, unless it is templated) has its own
-//! concurrency limit and circuit breaker ([`crate::origins`]), so a slow or dead
+//! concurrency limit and circuit breaker ([`crate::delivery::origins`]), so a slow or dead
 //! destination, or one tenant's host, never delays another. Outcomes go
 //! back to the spool: done, retry at a time, or dead letter.
 
@@ -25,19 +25,19 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::deliver::{Delivery, Forwarder, Outcome, Policy};
-use crate::job::Job;
-use crate::lane::{Lane, Turn, instant_of};
+use crate::delivery::attempt::{Attempts, Delivery, Outcome, Policy};
+use crate::delivery::lane::{Lane, Turn, instant_of};
+use crate::delivery::origins::{Admit, CircuitEvent, Origin, Reached};
+use crate::delivery::schedule::{Next, RetryPolicy};
 use crate::metrics::{Metrics, SPOOL_OPS};
-use crate::origins::{Admit, CircuitEvent, Origin, Reached};
-use crate::query::Query;
-use crate::rules::{Destination, DestinationName, Input, RuleSet, UNROUTED};
-use crate::schedule::{Next, RetryPolicy};
-use crate::spool::{
+use crate::queue::embedded::{
     Accepted, DeadFilter, HELD_PER_DESTINATION, NewJob, Record, Recovered, Replayed, Spool,
     SpoolError, StoredJob, unix_ms,
 };
+use crate::rules::{Destination, DestinationName, Input, RuleSet, UNROUTED};
 use crate::throttle::LogThrottle;
+use crate::webhook::job::Job;
+use crate::webhook::query::Query;
 
 /// The limits of durable delivery that are not per destination.
 #[derive(Debug, Clone, Copy)]
@@ -77,9 +77,11 @@ fn removed_reason(destination: &str) -> String {
     )
 }
 
-pub struct Dispatcher {
+/// The lanes that drain the queue, one per destination, and what they
+/// share: the queue, the rules in force, the dead-letter counts.
+pub struct Lanes {
     spool: Arc<Spool>,
-    forwarder: Arc<Forwarder>,
+    forwarder: Arc<Attempts>,
     metrics: Arc<Metrics>,
     rules: watch::Receiver<Arc<RuleSet>>,
     limits: Limits,
@@ -99,11 +101,11 @@ pub struct Dispatcher {
     warnings: LogThrottle,
 }
 
-impl Dispatcher {
+impl Lanes {
     /// Starts the lanes' thread; lanes start as deliveries arrive.
     pub fn new(
         spool: Arc<Spool>,
-        forwarder: Arc<Forwarder>,
+        forwarder: Arc<Attempts>,
         metrics: Arc<Metrics>,
         rules: watch::Receiver<Arc<RuleSet>>,
         limits: Limits,

@@ -16,7 +16,7 @@ use std::time::Duration;
 use http::Uri;
 use tokio::time::Instant;
 
-use crate::schedule::{Circuit, Gate};
+use crate::delivery::schedule::{Circuit, Gate};
 
 /// The scheme, host and port a delivery goes to: `http://host:port`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -235,7 +235,7 @@ impl Origins {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::schedule::CIRCUIT_THRESHOLD;
+    use crate::delivery::schedule::CIRCUIT_THRESHOLD;
 
     fn origin(s: &str) -> Origin {
         Origin::of(&Uri::try_from(s).unwrap())

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::backoff::Backoff;
+use crate::delivery::backoff::Backoff;
 
 /// How long and how often a delivery is tried.
 #[derive(Debug, Clone, Copy)]

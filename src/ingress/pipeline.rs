@@ -13,15 +13,15 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::deliver::{Delivery, Forwarder, Outcome};
-use crate::dispatch::{Dispatcher, records_for};
-use crate::job::{Job, JobError};
+use crate::delivery::attempt::{Attempts, Delivery, Outcome};
+use crate::delivery::lanes::{Lanes, records_for};
 use crate::metrics::Metrics;
-use crate::query::Query;
+use crate::queue::embedded::{Accepted, NewJob, SpoolError, StoredJob, unix_ms};
 use crate::rules::{Decision, Input, RuleSet, UNROUTED};
-use crate::spool::{Accepted, NewJob, SpoolError, StoredJob, unix_ms};
 use crate::throttle::LogThrottle;
-use crate::verify::{SignatureError, Verified, Verifier};
+use crate::webhook::job::{Job, JobError};
+use crate::webhook::query::Query;
+use crate::webhook::verify::{SignatureError, Verified, Verifier};
 
 /// A webhook request as read off the wire.
 #[derive(Debug)]
@@ -102,36 +102,38 @@ pub enum Reply {
 }
 
 /// Where a routed webhook goes next.
-pub enum Dispatch {
+pub enum Onward {
     /// Forward inline within `deadline`; answer 200 only if every
     /// destination took it.
     Direct {
-        forwarder: Box<Forwarder>,
+        forwarder: Box<Attempts>,
         deadline: Duration,
     },
     /// Store durably, answer 202, deliver from the spool.
-    Durable(Arc<Dispatcher>),
+    Durable(Arc<Lanes>),
 }
 
 /// How often a warning that repeats (a refusal, an unsafe query value)
 /// is written, with the count of those left out.
 const WARN_EVERY: Duration = Duration::from_secs(10);
 
-pub struct Gateway {
+/// One webhook's way through the gateway: verify, parse, route, then
+/// onward (queued or forwarded), and the answer it gets.
+pub struct Pipeline {
     verifier: watch::Receiver<Arc<Verifier>>,
     rules: watch::Receiver<Arc<RuleSet>>,
-    dispatch: Dispatch,
+    dispatch: Onward,
     metrics: Arc<Metrics>,
     draining: CancellationToken,
     /// Shared by every server worker's gateway.
     warnings: Arc<LogThrottle>,
 }
 
-impl Gateway {
+impl Pipeline {
     pub fn new(
         verifier: watch::Receiver<Arc<Verifier>>,
         rules: watch::Receiver<Arc<RuleSet>>,
-        dispatch: Dispatch,
+        dispatch: Onward,
         metrics: Arc<Metrics>,
         draining: CancellationToken,
     ) -> Self {
@@ -149,14 +151,14 @@ impl Gateway {
     /// rules, spool and metrics; in direct mode a connection pool of its own.
     pub fn fork(&self) -> Self {
         let dispatch = match &self.dispatch {
-            Dispatch::Direct {
+            Onward::Direct {
                 forwarder,
                 deadline,
-            } => Dispatch::Direct {
+            } => Onward::Direct {
                 forwarder: Box::new(forwarder.fork()),
                 deadline: *deadline,
             },
-            Dispatch::Durable(dispatcher) => Dispatch::Durable(dispatcher.clone()),
+            Onward::Durable(dispatcher) => Onward::Durable(dispatcher.clone()),
         };
         Self {
             verifier: self.verifier.clone(),
@@ -213,7 +215,7 @@ impl Gateway {
             Ok(job) => job,
             Err(e) => return self.reject(e.into()),
         };
-        if let Dispatch::Durable(dispatcher) = &self.dispatch {
+        if let Onward::Durable(dispatcher) = &self.dispatch {
             match dispatcher.spool().seen(&job.job_id) {
                 Ok(true) => return self.duplicate(&job),
                 Ok(false) => {}
@@ -253,7 +255,7 @@ impl Gateway {
             }
         }
         match &self.dispatch {
-            Dispatch::Direct {
+            Onward::Direct {
                 forwarder,
                 deadline,
             } => {
@@ -266,7 +268,7 @@ impl Gateway {
                 )
                 .await
             }
-            Dispatch::Durable(dispatcher) => {
+            Onward::Durable(dispatcher) => {
                 self.store(dispatcher, &verified, &job, webhook.query, &decision)
                     .await
             }
@@ -284,7 +286,7 @@ impl Gateway {
 
     async fn store(
         &self,
-        dispatcher: &Arc<Dispatcher>,
+        dispatcher: &Arc<Lanes>,
         verified: &Verified,
         job: &Job<'_>,
         query: Option<String>,
@@ -315,7 +317,7 @@ impl Gateway {
 
     async fn forward(
         &self,
-        forwarder: &Forwarder,
+        forwarder: &Attempts,
         deadline: Instant,
         verified: &Verified,
         job: &Job<'_>,

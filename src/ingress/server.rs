@@ -3,7 +3,7 @@
 //! expose (a header-read timeout, a connection limit, graceful drain).
 //!
 //! It holds no business logic: it reads a request within its limits,
-//! hands it to the [`Gateway`], and writes the [`Reply`].
+//! hands it to the [`Pipeline`], and writes the [`Reply`].
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,12 +23,12 @@ use tokio_util::task::TaskTracker;
 use warp::reply::Response;
 use warp::{Filter, Rejection as WarpRejection, Reply as _};
 
-use crate::gateway::{Gateway, Rejection, Reply, Webhook};
-use crate::verify;
+use crate::ingress::pipeline::{Pipeline, Rejection, Reply, Webhook};
+use crate::webhook::verify;
 
 /// The webhook port: `POST {path}` and nothing else (404 / 405 otherwise).
 pub fn webhook_routes(
-    gateway: Arc<Gateway>,
+    gateway: Arc<Pipeline>,
     in_flight: TaskTracker,
     path: &str,
     max_body_bytes: u64,
@@ -84,7 +84,7 @@ struct BodyLimits {
 /// One webhook request: admitted (not draining), one signature header,
 /// the body read within its limits, then handed to the gateway.
 async fn receive<S, B>(
-    gateway: &Gateway,
+    gateway: &Pipeline,
     headers: HeaderMap,
     query: Option<String>,
     body: S,

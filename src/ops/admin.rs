@@ -9,17 +9,17 @@ use tokio_util::sync::CancellationToken;
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
-use crate::dispatch::Dispatcher;
+use crate::delivery::lanes::Lanes;
 use crate::metrics::Metrics;
-use crate::reload::{Reloaded, Reloader};
-use crate::spool::DeadFilter;
+use crate::ops::reload::{Reloaded, Reloader};
+use crate::queue::embedded::DeadFilter;
 
 pub struct AdminState {
     pub metrics: Arc<Metrics>,
     pub draining: CancellationToken,
     pub reloader: Arc<Reloader>,
     /// Durable mode only: the spool's dead letters.
-    pub dispatcher: Option<Arc<Dispatcher>>,
+    pub dispatcher: Option<Arc<Lanes>>,
     /// The bearer token for POSTs; with none configured they are refused.
     pub token: Option<String>,
 }
@@ -268,7 +268,7 @@ pub fn routes(
 type Authorized = Result<Arc<AdminState>, Box<Response>>;
 
 /// As [`Authorized`], for a call that also needs the spool.
-type Spooled = Result<Arc<Dispatcher>, Box<Response>>;
+type Spooled = Result<Arc<Lanes>, Box<Response>>;
 
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]

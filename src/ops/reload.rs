@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, NamedKey};
 use crate::metrics::Metrics;
 use crate::rules::{LoadError, RuleSet};
-use crate::verify::Verifier;
+use crate::webhook::verify::Verifier;
 
 /// What was last seen at the path, so that an unchanged file (or an
 /// unchanged failure) is not reloaded, logged and counted every poll.

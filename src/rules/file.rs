@@ -20,8 +20,8 @@ use super::{
     Action, Destination, DestinationName, Glob, Matcher, QueryCondition, Rule, RuleName, RuleSet,
     UNROUTED, UrlTemplate,
 };
-use crate::job::RiskLevel;
 use crate::transport::{TlsFiles, Transport};
+use crate::webhook::job::RiskLevel;
 
 /// A problem in the rules file, at a line (1-based).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -15,9 +15,9 @@ use http::{HeaderName, HeaderValue};
 use regex::Regex;
 use serde::Serialize;
 
-use crate::job::{Job, RiskLevel};
-use crate::query::Query;
 use crate::transport::Transport;
+use crate::webhook::job::{Job, RiskLevel};
+use crate::webhook::query::Query;
 
 pub use file::{LoadError, Problem};
 pub use template::{TemplateError, UrlTemplate};

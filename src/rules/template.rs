@@ -12,7 +12,7 @@ use std::sync::RwLock;
 use http::Uri;
 use url::Url;
 
-use crate::query::Query;
+use crate::webhook::query::Query;
 
 #[derive(Debug, Clone)]
 enum Part {

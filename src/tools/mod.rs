@@ -17,11 +17,11 @@ mod route;
 
 pub use route::{route, test};
 
-use crate::client::{Client, Settings};
 use crate::config::Config;
+use crate::delivery::client::{Client, Settings};
 use crate::rules::RuleSet;
 use crate::transport::Transport;
-use crate::verify::{self, Secret, Verifier};
+use crate::webhook::verify::{self, Secret, Verifier};
 
 /// Validates the config and the rules it names, printing every problem.
 pub fn check(config_path: &Path) -> ExitCode {
@@ -110,7 +110,10 @@ pub async fn send(url: &str, secret_env: Option<&str>, payload: &Path) -> anyhow
     );
     if let Some(var) = secret_env {
         let signature = verify::sign(&secret_from_env(var)?, &body);
-        headers.insert(crate::deliver::HEADER_SIGNATURE, signature.parse()?);
+        headers.insert(
+            crate::delivery::attempt::HEADER_SIGNATURE,
+            signature.parse()?,
+        );
     }
     let client = Client::new(Settings {
         connect_timeout: Duration::from_secs(10),

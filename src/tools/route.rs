@@ -9,9 +9,9 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
-use crate::job::Job;
-use crate::query::Query;
 use crate::rules::{Input, RuleSet, Trace, Verdict};
+use crate::webhook::job::Job;
+use crate::webhook::query::Query;
 
 #[derive(Serialize)]
 struct RouteReport<'a> {

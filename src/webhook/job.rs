@@ -11,7 +11,7 @@ use std::sync::OnceLock;
 
 use serde::Deserialize;
 
-use crate::verify::Verified;
+use crate::webhook::verify::Verified;
 
 /// Longest accepted `job_id`: it travels in a header and keys the dedupe
 /// index, and real ones are UUIDs.

@@ -565,7 +565,7 @@ async fn logs_never_carry_secrets_or_signatures() {
             .collect()
     };
     assert_eq!(gw.post(&body).await.status(), 202);
-    let forged = hookgate::verify::sign(b"some-other-secret-here", &body);
+    let forged = hookgate::webhook::verify::sign(b"some-other-secret-here", &body);
     for header in [forged.clone(), hex.clone(), format!("sha256={hex}")] {
         let r = gw
             .client
@@ -600,7 +600,7 @@ async fn secret_rotation_through_a_reload() {
         .start()
         .await;
     let body = job("rot", &[]);
-    let signed = |key: &str| hookgate::verify::sign(key.as_bytes(), &body);
+    let signed = |key: &str| hookgate::webhook::verify::sign(key.as_bytes(), &body);
     let status = |key: &'static str| {
         let (gw, body, sig) = (&gw, body.clone(), signed(key));
         async move { gw.post_with(&body, "", Some(&sig)).await.status().as_u16() }

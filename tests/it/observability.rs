@@ -388,7 +388,7 @@ forward = ["ok"]
     sent += 12;
     for i in 0..5 {
         let body = job(&format!("forged-{i}"), &[]);
-        let forged = hookgate::verify::sign(b"not-the-secret-at-all", &body);
+        let forged = hookgate::webhook::verify::sign(b"not-the-secret-at-all", &body);
         assert_eq!(gw.post_with(&body, "", Some(&forged)).await.status(), 401);
     }
     for i in 0..2 {

@@ -6,11 +6,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
-use hookgate::job::Job;
-use hookgate::query::Query;
+use hookgate::queue::embedded::{Accepted, NewJob, Record, Spool, StoredJob};
 use hookgate::rules::{Input, RuleSet};
-use hookgate::spool::{Accepted, NewJob, Record, Spool, StoredJob};
-use hookgate::verify::{self, Secret, SignatureError, Verifier};
+use hookgate::webhook::job::Job;
+use hookgate::webhook::query::Query;
+use hookgate::webhook::verify::{self, Secret, SignatureError, Verifier};
 use proptest::prelude::*;
 
 fn header(s: &str) -> http::HeaderValue {

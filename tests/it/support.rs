@@ -21,7 +21,7 @@ pub fn vectors_dir() -> PathBuf {
 }
 
 pub fn sign(body: &[u8]) -> String {
-    hookgate::verify::sign(SECRET.as_bytes(), body)
+    hookgate::webhook::verify::sign(SECRET.as_bytes(), body)
 }
 
 /// A job body with the given id and categories.

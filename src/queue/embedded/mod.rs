@@ -23,7 +23,7 @@
 //! writer reopens the file and probes it every second, and once a write
 //! goes through again it saves those outcomes and takes webhooks again.
 //! A file the engine cannot open, or that fails its integrity check, is
-//! moved aside at start-up ([`open`]), and a record that cannot be decoded
+//! moved aside at start-up (`open.rs`), and a record that cannot be decoded
 //! is quarantined.
 
 mod open;
