@@ -30,10 +30,6 @@ pub const HEADER_RULE: HeaderName = HeaderName::from_static("x-hookgate-rule");
 pub const HEADER_JOB_ID: HeaderName = HeaderName::from_static("x-hookgate-job-id");
 pub const HEADER_SIGNATURE: HeaderName = HeaderName::from_static("x-hub-signature-256");
 
-/// How much of a response body is read (and discarded) so that the
-/// connection can go back to the pool; a longer body closes it instead.
-const DRAIN_LIMIT: usize = 64 * 1024;
-
 /// One job on its way to one destination, with every header it will carry
 /// besides those the client adds (`Host`, `User-Agent`, `Content-Length`).
 #[derive(Debug, Clone)]
@@ -263,7 +259,9 @@ impl Attempts {
             &delivery.transport,
             &delivery.headers,
             delivery.body.clone(),
-            DRAIN_LIMIT,
+            // Only the status and `Retry-After` count; the body is read
+            // to reuse the connection, not kept.
+            0,
             started + timeout,
         );
         let outcome = match sent.await {

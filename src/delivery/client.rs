@@ -52,6 +52,10 @@ use crate::transport::{Transport, alpn, install_provider};
 /// Every request names its sender.
 const USER_AGENT: HeaderValue =
     HeaderValue::from_static(concat!("hookgate/", env!("CARGO_PKG_VERSION")));
+/// How much of a response body is read (and discarded beyond what the
+/// caller keeps) so that the connection can go back to the pool; a longer
+/// body closes it instead.
+const READ_LIMIT: usize = 64 * 1024;
 /// Idle connections kept per origin; more are closed when returned.
 const MAX_IDLE: usize = 1024;
 /// An idle connection older than this is closed instead of reused.
@@ -222,9 +226,9 @@ impl Client {
 
     /// POSTs `body` with `headers` (and `Host`, `User-Agent`) to `url`,
     /// within `deadline`. The answer counts once its head is read: the body
-    /// (at most `keep` bytes, for the log) is read within what is left of
-    /// the deadline, and failing to read it changes nothing but whether
-    /// the connection is reused.
+    /// is read within what is left of the deadline (its first `keep` bytes
+    /// kept), and failing to read it changes nothing but whether the
+    /// connection is reused.
     pub async fn post(
         &self,
         url: &Uri,
@@ -506,24 +510,26 @@ async fn drive<F: Future>(mut conn: Option<Pin<&mut H1Conn>>, fut: F) -> F::Outp
     .await
 }
 
-/// Reads up to `keep` bytes of a body; true if it was read to its end
-/// (and so the connection may be reused).
+/// Reads a body of up to [`READ_LIMIT`] bytes, keeping the first `keep`
+/// of them; true if it was read to its end (and so the connection may be
+/// reused).
 async fn read_body(
     mut conn: Option<Pin<&mut H1Conn>>,
     mut body: Incoming,
     keep: usize,
 ) -> (Bytes, bool) {
     let mut out = BytesMut::new();
+    let mut read = 0;
     loop {
         match drive(conn.as_mut().map(|c| c.as_mut()), body.frame()).await {
             Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {
-                    if out.len() + data.len() > keep {
-                        let room = keep - out.len();
-                        out.extend_from_slice(&data[..room]);
+                    read += data.len();
+                    if read > READ_LIMIT {
                         return (out.freeze(), false);
                     }
-                    out.extend_from_slice(data);
+                    let room = keep.saturating_sub(out.len()).min(data.len());
+                    out.extend_from_slice(&data[..room]);
                 }
             }
             None => return (out.freeze(), true),
