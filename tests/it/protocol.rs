@@ -312,15 +312,20 @@ async fn an_early_413_is_a_dead_letter() {
         r#"{{"data":{{"job_id":"big-1","is_error":false,"result":{{"policy_categories":[],"metadata":{{"pad":"{padding}"}}}}}}}}"#
     );
     assert_eq!(gw.post(body.as_bytes(), "").await.status(), 202);
-    gw.wait_for_metric("hookgate_dead_letters", "destination=\"down\"", 1.0)
-        .await;
-    let (_, listed) = gw
-        .admin(reqwest::Method::GET, "/admin/dead-letters", token)
-        .await;
-    let reason = listed["dead_letters"][0]["reason"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    // Listed once its commit is on disk, a moment after it is counted.
+    let listed = || async {
+        let (_, listed) = gw
+            .admin(reqwest::Method::GET, "/admin/dead-letters", token)
+            .await;
+        listed["dead_letters"][0]["reason"]
+            .as_str()
+            .map(str::to_owned)
+    };
+    eventually(Duration::from_secs(5), "a dead letter listed", || async {
+        listed().await.is_some()
+    })
+    .await;
+    let reason = listed().await.unwrap();
     assert!(reason.contains("413"), "{reason}");
     let m = gw.metrics().await;
     assert_eq!(attempts(&m, "down", "http_4xx"), 1.0);
