@@ -399,11 +399,10 @@ impl Client {
         &self,
         key: &Key,
         mut pooled: Pooled,
-        request: Request<Full<Bytes>>,
+        mut request: Request<Full<Bytes>>,
         keep: usize,
         deadline: Instant,
     ) -> Result<Response, Failed> {
-        let mut request = request;
         let answered = match &mut pooled.conn {
             Conn::H1 { sender, conn } => {
                 // Origin-form: the target without scheme and authority.

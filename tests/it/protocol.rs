@@ -169,6 +169,20 @@ fn attempts(m: &Metrics, destination: &str, outcome: &str) -> f64 {
     .unwrap_or(0.0)
 }
 
+/// Reads a request up to the end of its head (the body is left unread);
+/// false if the peer closed first.
+async fn read_head(io: &mut (impl tokio::io::AsyncRead + Unpin)) -> bool {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        match io.read(&mut chunk).await {
+            Ok(n @ 1..) => buf.extend_from_slice(&chunk[..n]),
+            _ => return false,
+        }
+    }
+    true
+}
+
 /// A chunk size of 16 hex digits after a chunk of one byte (it once wrapped
 /// an addition and crashed the gateway): the status before it counts, and
 /// the gateway goes on.
@@ -240,13 +254,8 @@ async fn a_close_delimited_tls_response_counts() {
                 let Ok(mut tls) = acceptor.accept(tcp).await else {
                     return;
                 };
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match tls.read(&mut chunk).await {
-                        Ok(n @ 1..) => buf.extend_from_slice(&chunk[..n]),
-                        _ => return,
-                    }
+                if !read_head(&mut tls).await {
+                    return;
                 }
                 *counted.lock().unwrap() += 1;
                 let _ = tls
@@ -282,13 +291,8 @@ async fn an_early_413_is_a_dead_letter() {
     tokio::spawn(async move {
         while let Ok((mut tcp, _)) = listener.accept().await {
             tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match tcp.read(&mut chunk).await {
-                        Ok(n @ 1..) => buf.extend_from_slice(&chunk[..n]),
-                        _ => return,
-                    }
+                if !read_head(&mut tcp).await {
+                    return;
                 }
                 let _ = tcp
                     .write_all(b"HTTP/1.1 413 Payload Too Large\r\nconnection: close\r\ncontent-length: 0\r\n\r\n")
