@@ -139,8 +139,66 @@ pub struct DeliveryConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SpoolConfig {
+    /// Where accepted webhooks wait: the embedded spool, or NATS JetStream.
+    pub backend: Backend,
     pub path: PathBuf,
     pub max_bytes: ByteSize,
+    pub nats: NatsConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// redb under `spool.path`: one pod's own queue.
+    Embedded,
+    /// Streams in a NATS JetStream cluster, shared by every replica.
+    Nats,
+}
+
+/// `spool.nats`: how to reach JetStream. Credentials are named, never
+/// written here.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NatsConfig {
+    /// `nats://` or `tls://` URLs of the cluster's servers.
+    pub servers: Vec<String>,
+    pub creds_file: Option<PathBuf>,
+    pub nkey_file: Option<PathBuf>,
+    pub token_env: Option<String>,
+    pub token_file: Option<PathBuf>,
+    pub tls: Option<NatsTls>,
+    /// Names the streams, subjects and consumers, so that several
+    /// deployments can share one NATS.
+    pub prefix: String,
+    /// 1, or 3 for a stream replicated over a Raft quorum.
+    pub replicas: usize,
+    /// How long NATS may be unreachable before readiness turns 503.
+    #[serde(with = "humantime_serde")]
+    pub unavailable_after: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsTls {
+    pub ca_file: Option<PathBuf>,
+    pub client_cert_file: Option<PathBuf>,
+    pub client_key_file: Option<PathBuf>,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        Self {
+            servers: Vec::new(),
+            creds_file: None,
+            nkey_file: None,
+            token_env: None,
+            token_file: None,
+            tls: None,
+            prefix: "hookgate".into(),
+            replicas: 1,
+            unavailable_after: Duration::from_secs(30),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -273,8 +331,10 @@ impl Default for DeliveryConfig {
 impl Default for SpoolConfig {
     fn default() -> Self {
         Self {
+            backend: Backend::Embedded,
             path: "data/spool".into(),
             max_bytes: ByteSize(1 << 30),
+            nats: NatsConfig::default(),
         }
     }
 }

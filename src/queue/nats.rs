@@ -1,0 +1,242 @@
+//! The queue in NATS JetStream, shared by every replica: any replica
+//! accepts, any replica delivers, and losing a pod or a node loses nothing
+//! a quorum acknowledged.
+//!
+//! - Deliveries: one message per (job, destination) on
+//!   `{prefix}.deliver.{destination}` in the work-queue stream
+//!   `{prefix}_deliveries`, published with `Nats-Msg-Id` = `{job_id}/{destination}`,
+//!   so that a retried accept stores nothing twice.
+//! - Seen job ids: the stream `{prefix}_seen`, one subject per job id
+//!   (`{prefix}.seen.{id in base64url}`, its last message kept) for
+//!   `dedupe.window`. A job is `pending` from before its deliveries are
+//!   published until they all are (`stored`): a sender that retries after
+//!   a failed accept publishes again (deduplicated by message id) instead
+//!   of being told "duplicate" for a job that was never stored. (A stream
+//!   rather than a key-value bucket: the client's bucket calls do not
+//!   understand the answers of the 2.9 servers Debian ships.)
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream};
+use base64::Engine as _;
+
+use crate::config::NatsConfig;
+use crate::queue::embedded::{Accepted, NewJob, Record};
+
+/// Why the queue could not be reached or used.
+#[derive(Debug, thiserror::Error)]
+pub enum NatsError {
+    #[error("cannot connect to NATS: {0}")]
+    Connect(String),
+    #[error("cannot set up the JetStream {what} {name}: {message}")]
+    Setup {
+        what: &'static str,
+        name: String,
+        message: String,
+    },
+    #[error("JetStream did not take the webhook: {0}")]
+    Publish(String),
+}
+
+/// The names of everything a deployment keeps in NATS, from its prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Names {
+    prefix: String,
+}
+
+impl Names {
+    pub fn new(prefix: &str) -> Self {
+        Self {
+            prefix: prefix.to_owned(),
+        }
+    }
+
+    pub fn deliveries(&self) -> String {
+        format!("{}_deliveries", self.prefix)
+    }
+
+    pub fn seen(&self) -> String {
+        format!("{}_seen", self.prefix)
+    }
+
+    /// A destination's subject. Names may hold `.`, which separates subject
+    /// tokens; it becomes `~`, which names may not hold.
+    pub fn deliver(&self, destination: &str) -> String {
+        format!("{}.deliver.{}", self.prefix, destination.replace('.', "~"))
+    }
+
+    /// A job id's subject in the seen stream: the id in URL-safe base64,
+    /// so that any id is a valid subject token.
+    pub fn seen_subject(&self, job_id: &str) -> String {
+        format!(
+            "{}.seen.{}",
+            self.prefix,
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(job_id)
+        )
+    }
+}
+
+const PENDING: &[u8] = b"pending";
+const STORED: &[u8] = b"stored";
+
+pub struct NatsQueue {
+    js: jetstream::Context,
+    seen: stream::Stream,
+    names: Names,
+}
+
+impl NatsQueue {
+    /// Connects and creates (or updates) the streams and the bucket.
+    pub async fn connect(
+        config: &NatsConfig,
+        max_bytes: u64,
+        window: Duration,
+    ) -> Result<Self, NatsError> {
+        let servers = config
+            .servers
+            .iter()
+            .map(|s| s.parse::<async_nats::ServerAddr>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| NatsError::Connect(e.to_string()))?;
+        let client = async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .connect(servers)
+            .await
+            .map_err(|e| NatsError::Connect(e.to_string()))?;
+        let js = jetstream::new(client);
+        let names = Names::new(&config.prefix);
+        // A cluster that has just started elects its JetStream leader
+        // first: set-up is tried again until `unavailable_after`.
+        let deadline = tokio::time::Instant::now() + config.unavailable_after;
+        loop {
+            match setup(&js, &names, config, max_bytes, window).await {
+                Ok(seen) => return Ok(Self { js, seen, names }),
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    tracing::debug!("JetStream not ready yet: {e}");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Stores a job's deliveries; returns once JetStream acknowledged each
+    /// (with 3 replicas, once a quorum has it).
+    pub async fn accept(&self, job: NewJob) -> Result<Accepted, NatsError> {
+        let seen = self.names.seen_subject(&job.job.job_id);
+        let publish = |e: &dyn std::fmt::Display| NatsError::Publish(e.to_string());
+        match self.seen.get_last_raw_message_by_subject(&seen).await {
+            Ok(last) if last.payload.as_ref() == STORED => return Ok(Accepted::Duplicate),
+            // Pending: an earlier accept failed half way; this one goes on.
+            Ok(_) => {}
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {
+                self.js
+                    .publish(seen.clone(), PENDING.into())
+                    .await
+                    .map_err(|e| publish(&e))?
+                    .await
+                    .map_err(|e| publish(&e))?;
+            }
+            Err(e) => return Err(publish(&e)),
+        }
+        let body = job.job.encode();
+        let mut pending = Vec::new();
+        let mut dead = Vec::new();
+        for record in job.records {
+            if record.dead_reason.is_some() {
+                dead.push(record);
+                continue;
+            }
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(
+                "Nats-Msg-Id",
+                format!("{}/{}", job.job.job_id, record.destination).as_str(),
+            );
+            let payload = encode(&record, &body);
+            let ack = self
+                .js
+                .publish_with_headers(
+                    self.names.deliver(&record.destination),
+                    headers,
+                    payload.into(),
+                )
+                .await
+                .map_err(|e| publish(&e))?
+                .await
+                .map_err(|e| publish(&e))?;
+            pending.push((ack.sequence, record));
+        }
+        self.js
+            .publish(seen, STORED.into())
+            .await
+            .map_err(|e| publish(&e))?
+            .await
+            .map_err(|e| publish(&e))?;
+        Ok(Accepted::New { pending, dead })
+    }
+}
+
+/// Creates, or updates to this configuration, the deliveries stream and
+/// the seen bucket.
+async fn setup(
+    js: &jetstream::Context,
+    names: &Names,
+    config: &NatsConfig,
+    max_bytes: u64,
+    window: Duration,
+) -> Result<stream::Stream, NatsError> {
+    let failed = |what: &'static str, name: &str, e: &dyn std::fmt::Display| NatsError::Setup {
+        what,
+        name: name.to_owned(),
+        message: e.to_string(),
+    };
+    let deliveries = names.deliveries();
+    js.get_or_create_stream(stream::Config {
+        name: deliveries.clone(),
+        subjects: vec![format!("{}.deliver.*", config.prefix)],
+        retention: stream::RetentionPolicy::WorkQueue,
+        storage: stream::StorageType::File,
+        num_replicas: config.replicas,
+        max_bytes: i64::try_from(max_bytes).unwrap_or(i64::MAX),
+        duplicate_window: window.min(Duration::from_secs(3600)),
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| failed("stream", &deliveries, &e))?;
+    let seen = names.seen();
+    js.get_or_create_stream(stream::Config {
+        name: seen.clone(),
+        subjects: vec![format!("{}.seen.*", config.prefix)],
+        max_messages_per_subject: 1,
+        max_age: window,
+        storage: stream::StorageType::File,
+        num_replicas: config.replicas,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| failed("stream", &seen, &e))
+}
+
+/// `[u32 record length][record JSON][stored job]`, little endian.
+fn encode(record: &Record, job: &[u8]) -> Vec<u8> {
+    let record = serde_json::to_vec(record).unwrap_or_default();
+    let mut out = Vec::with_capacity(4 + record.len() + job.len());
+    out.extend_from_slice(&(record.len() as u32).to_le_bytes());
+    out.extend_from_slice(&record);
+    out.extend_from_slice(job);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        let n = Names::new("hg");
+        assert_eq!(n.deliveries(), "hg_deliveries");
+        assert_eq!(n.deliver("trust-safety"), "hg.deliver.trust-safety");
+        assert_eq!(n.deliver("a.b"), "hg.deliver.a~b");
+        assert_eq!(n.seen_subject("job/1 ü"), "hg.seen.am9iLzEgw7w");
+    }
+}

@@ -1,0 +1,149 @@
+//! The NATS JetStream queue against a real 3-node cluster on 127.0.0.1.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use hookgate::config::NatsConfig;
+use hookgate::queue::embedded::{Accepted, NewJob, Record, StoredJob};
+use hookgate::queue::nats::NatsQueue;
+
+use crate::support::*;
+
+/// A JetStream cluster of `nats-server` processes, one directory each.
+pub struct NatsCluster {
+    dir: tempfile::TempDir,
+    pub clients: Vec<u16>,
+    routes: Vec<u16>,
+    servers: Vec<Option<Child>>,
+}
+
+impl NatsCluster {
+    pub async fn start(n: usize) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let clients: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let routes: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let mut cluster = Self {
+            dir,
+            clients,
+            routes,
+            servers: (0..n).map(|_| None).collect(),
+        };
+        for i in 0..n {
+            cluster.start_node(i);
+        }
+        for port in cluster.clients.clone() {
+            eventually(
+                Duration::from_secs(10),
+                "nats-server listening",
+                || async move {
+                    tokio::net::TcpStream::connect(("127.0.0.1", port))
+                        .await
+                        .is_ok()
+                },
+            )
+            .await;
+        }
+        cluster
+    }
+
+    fn start_node(&mut self, i: usize) {
+        let store: PathBuf = self.dir.path().join(format!("n{i}"));
+        let routes: Vec<String> = self
+            .routes
+            .iter()
+            .map(|p| format!("nats-route://127.0.0.1:{p}"))
+            .collect();
+        let conf = format!(
+            "server_name: n{i}\nlisten: 127.0.0.1:{}\njetstream {{ store_dir: \"{}\" }}\n\
+             cluster {{ name: hg, listen: 127.0.0.1:{}, routes: [{}] }}\n",
+            self.clients[i],
+            store.display(),
+            self.routes[i],
+            routes.join(", ")
+        );
+        let path = self.dir.path().join(format!("n{i}.conf"));
+        std::fs::write(&path, conf).unwrap();
+        let child = Command::new("nats-server")
+            .arg("-c")
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(self.dir.path().join(format!("n{i}.log"))).unwrap())
+            .spawn()
+            .expect("nats-server is installed (apt-get install nats-server)");
+        self.servers[i] = Some(child);
+    }
+
+    pub fn config(&self, prefix: &str, replicas: usize) -> NatsConfig {
+        NatsConfig {
+            servers: self
+                .clients
+                .iter()
+                .map(|p| format!("nats://127.0.0.1:{p}"))
+                .collect(),
+            prefix: prefix.to_owned(),
+            replicas,
+            ..NatsConfig::default()
+        }
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for child in self.servers.iter_mut().flatten() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn new_job(id: &str, destinations: &[&str]) -> NewJob {
+    NewJob {
+        job: StoredJob {
+            job_id: id.to_owned(),
+            signature: None,
+            query: None,
+            accepted_ms: 0,
+            body: job(id, &[]).into(),
+        },
+        records: destinations
+            .iter()
+            .map(|d| Record {
+                job: 0,
+                job_id: id.to_owned(),
+                destination: (*d).to_owned(),
+                rule: "all".into(),
+                attempts: 0,
+                first_ms: 0,
+                next_ms: 0,
+                last_attempt_ms: None,
+                last_error: None,
+                dead_reason: None,
+                dead_ms: None,
+            })
+            .collect(),
+    }
+}
+
+/// Accepted once per job id on an R3 stream; the same id again, within
+/// the window, is a duplicate and stores nothing.
+#[tokio::test]
+async fn a_job_is_stored_once_per_id_on_three_replicas() {
+    let cluster = NatsCluster::start(3).await;
+    let mut config = cluster.config("t1", 3);
+    config.unavailable_after = Duration::from_secs(20);
+    let queue = NatsQueue::connect(&config, 1 << 30, Duration::from_secs(3600))
+        .await
+        .unwrap_or_else(|e| {
+            let log =
+                std::fs::read_to_string(cluster.dir.path().join("n0.log")).unwrap_or_default();
+            panic!("{e}\n{log}")
+        });
+    let first = queue.accept(new_job("n-1", &["a", "b.c"])).await.unwrap();
+    let Accepted::New { pending, dead } = first else {
+        panic!("not stored")
+    };
+    assert_eq!((pending.len(), dead.len()), (2, 0));
+    let again = queue.accept(new_job("n-1", &["a", "b.c"])).await.unwrap();
+    assert!(matches!(again, Accepted::Duplicate));
+}
