@@ -70,7 +70,7 @@ pub struct ReplayReport {
 }
 
 /// The reason of a dead letter whose destination left the rules.
-fn removed_reason(destination: &str) -> String {
+pub(crate) fn removed_reason(destination: &str) -> String {
     format!(
         "destination_removed: {destination:?} is not in the rules in force; \
          replay once it is back, or replay with reroute=true"
@@ -832,7 +832,7 @@ pub fn records_for(
 /// destination's URL, filled in from the job's query, its headers and
 /// those of the rule that routed the job (if it still exists). `Err` is
 /// the dead letter's reason.
-fn request(
+pub(crate) fn request(
     rules: &RuleSet,
     destination: &Destination,
     record: &Record,

@@ -15,13 +15,24 @@
 //!   rather than a key-value bucket: the client's bucket calls do not
 //!   understand the answers of the 2.9 servers Debian ships.)
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, stream};
+use async_nats::jetstream::{self, AckKind, consumer::pull, stream};
 use base64::Engine as _;
+use futures_util::StreamExt;
+use tokio::sync::{Semaphore, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::NatsConfig;
-use crate::queue::embedded::{Accepted, NewJob, Record};
+use crate::delivery::attempt::{Attempts, Outcome};
+use crate::delivery::lane::instant_of;
+use crate::delivery::lanes::{removed_reason, request};
+use crate::delivery::schedule::{Next, RetryPolicy};
+use crate::metrics::Metrics;
+use crate::queue::embedded::{Accepted, NewJob, Record, StoredJob, unix_ms};
+use crate::rules::RuleSet;
 
 /// Why the queue could not be reached or used.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +60,19 @@ impl Names {
         Self {
             prefix: prefix.to_owned(),
         }
+    }
+
+    pub fn dead(&self) -> String {
+        format!("{}_dead", self.prefix)
+    }
+
+    pub fn dead_subject(&self, destination: &str) -> String {
+        format!("{}.dead.{}", self.prefix, destination.replace('.', "~"))
+    }
+
+    /// The durable consumer every replica shares for a destination.
+    pub fn consumer(&self, destination: &str) -> String {
+        format!("{}_{}", self.prefix, destination.replace('.', "~"))
     }
 
     pub fn deliveries(&self) -> String {
@@ -83,6 +107,15 @@ pub struct NatsQueue {
     js: jetstream::Context,
     seen: stream::Stream,
     names: Names,
+}
+
+/// What the replicas' delivery workers share.
+pub struct Workers {
+    pub rules: watch::Receiver<Arc<RuleSet>>,
+    pub attempts: Arc<Attempts>,
+    pub metrics: Arc<Metrics>,
+    pub max_age: Duration,
+    pub stop: CancellationToken,
 }
 
 impl NatsQueue {
@@ -203,6 +236,16 @@ async fn setup(
     })
     .await
     .map_err(|e| failed("stream", &deliveries, &e))?;
+    let dead = names.dead();
+    js.get_or_create_stream(stream::Config {
+        name: dead.clone(),
+        subjects: vec![format!("{}.dead.*", config.prefix)],
+        storage: stream::StorageType::File,
+        num_replicas: config.replicas,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| failed("stream", &dead, &e))?;
     let seen = names.seen();
     js.get_or_create_stream(stream::Config {
         name: seen.clone(),
@@ -215,6 +258,195 @@ async fn setup(
     })
     .await
     .map_err(|e| failed("stream", &seen, &e))
+}
+
+impl NatsQueue {
+    /// Delivers what the deliveries stream holds for `destination`, from
+    /// its durable consumer, shared with every other replica: JetStream
+    /// hands each message to one of them, bounds the deliveries in flight
+    /// across all (`max_ack_pending`), and redelivers after a `nak` delay.
+    pub async fn drain(self: Arc<Self>, destination: String, workers: Arc<Workers>) {
+        let concurrency = {
+            let rules = workers.rules.borrow().clone();
+            rules
+                .destination(&destination)
+                .map_or(1, |d| workers.attempts.policy(d).concurrency)
+        };
+        let consumer = loop {
+            match self.consumer(&destination, concurrency).await {
+                Ok(c) => break c,
+                Err(e) => {
+                    tracing::warn!(%destination, "cannot open the JetStream consumer, retrying: {e}");
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        () = workers.stop.cancelled() => return,
+                    }
+                }
+            }
+        };
+        let permits = Arc::new(Semaphore::new(concurrency));
+        let mut messages = match consumer.messages().await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::error!(%destination, "cannot pull from JetStream: {e}");
+                return;
+            }
+        };
+        loop {
+            let permit = tokio::select! {
+                p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+                () = workers.stop.cancelled() => return,
+            };
+            let message = tokio::select! {
+                m = messages.next() => m,
+                () = workers.stop.cancelled() => return,
+            };
+            let Some(message) = message else { return };
+            let message = match message {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::debug!(%destination, "pulling from JetStream: {e}");
+                    continue;
+                }
+            };
+            let (me, workers) = (self.clone(), workers.clone());
+            tokio::spawn(async move {
+                me.attempt(message, &workers).await;
+                drop(permit);
+            });
+        }
+    }
+
+    async fn consumer(
+        &self,
+        destination: &str,
+        concurrency: usize,
+    ) -> Result<jetstream::consumer::Consumer<pull::Config>, NatsError> {
+        let stream = self
+            .js
+            .get_stream(self.names.deliveries())
+            .await
+            .map_err(|e| NatsError::Publish(e.to_string()))?;
+        let name = self.names.consumer(destination);
+        stream
+            .get_or_create_consumer(
+                &name,
+                pull::Config {
+                    durable_name: Some(name.clone()),
+                    filter_subject: self.names.deliver(destination),
+                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                    ack_wait: Duration::from_secs(120),
+                    max_ack_pending: i64::try_from(concurrency).unwrap_or(i64::MAX),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| NatsError::Publish(e.to_string()))
+    }
+
+    /// One attempt of one message: acknowledged once delivered or dead,
+    /// `nak`ed with the backoff otherwise.
+    async fn attempt(&self, message: jetstream::Message, workers: &Workers) {
+        let Some((mut record, job)) = decode(&message.payload) else {
+            tracing::error!(subject = %message.subject, "an undecodable message in the deliveries stream: terminated");
+            let _ = message.ack_with(AckKind::Term).await;
+            return;
+        };
+        let attempts = message.info().map_or(1, |i| i.delivered.max(1) as u32);
+        let rules = workers.rules.borrow().clone();
+        let Some(destination) = rules.destination(&record.destination) else {
+            let reason = removed_reason(&record.destination);
+            self.bury(&message, record, reason).await;
+            return;
+        };
+        let policy = workers.attempts.policy(destination);
+        let delivery = match request(&rules, destination, &record, job) {
+            Ok(d) => d,
+            Err(reason) => {
+                self.bury(&message, record, reason).await;
+                return;
+            }
+        };
+        drop(rules);
+        let outcome = workers.attempts.attempt(&delivery, policy.timeout).await;
+        record.attempts = attempts;
+        record.last_attempt_ms = Some(unix_ms());
+        match &outcome {
+            Outcome::Delivered(_) => {
+                workers
+                    .metrics
+                    .deliveries
+                    .with_label_values(&[record.destination.as_str(), "delivered"])
+                    .inc();
+                if let Err(e) = message.double_ack().await {
+                    tracing::warn!(
+                        "a delivered message's acknowledgement failed (it may be delivered again): {e}"
+                    );
+                }
+            }
+            Outcome::Refused(status) => {
+                record.last_error = Some(outcome.to_string());
+                let reason = format!("refused with {status}");
+                self.bury(&message, record, reason).await;
+            }
+            failed => {
+                record.last_error = Some(failed.to_string());
+                let now = Instant::now();
+                let retry = RetryPolicy {
+                    backoff: workers.attempts.backoff(),
+                    max_attempts: policy.max_attempts,
+                    max_age: workers.max_age,
+                };
+                match retry.after_failure(
+                    attempts,
+                    instant_of(record.first_ms),
+                    now,
+                    failed.retry_after(),
+                    fastrand::f64(),
+                ) {
+                    Next::RetryAt(at) => {
+                        let _ = message
+                            .ack_with(AckKind::Nak(Some(at.saturating_duration_since(now))))
+                            .await;
+                    }
+                    Next::GiveUp(reason) => self.bury(&message, record, reason.to_string()).await,
+                }
+            }
+        }
+    }
+
+    /// Keeps a delivery as a dead letter, then acknowledges its message.
+    async fn bury(&self, message: &jetstream::Message, mut record: Record, reason: String) {
+        tracing::warn!(job_id = %record.job_id, destination = %record.destination, attempts = record.attempts, "dead letter: {reason}");
+        record.dead_reason = Some(reason);
+        record.dead_ms = Some(unix_ms());
+        let job_bytes = &message.payload[4 + record_len(&message.payload).unwrap_or(0)..];
+        let payload = encode(&record, job_bytes);
+        let stored = async {
+            self.js
+                .publish(self.names.dead_subject(&record.destination), payload.into())
+                .await?
+                .await
+        };
+        match stored.await {
+            Ok(_) => {
+                let _ = message.double_ack().await;
+            }
+            // Not acknowledged: JetStream delivers it again.
+            Err(e) => tracing::error!("cannot keep a dead letter, retried later: {e}"),
+        }
+    }
+}
+
+fn record_len(payload: &[u8]) -> Option<usize> {
+    Some(u32::from_le_bytes(payload.get(..4)?.try_into().ok()?) as usize)
+}
+
+fn decode(payload: &[u8]) -> Option<(Record, StoredJob)> {
+    let len = record_len(payload)?;
+    let record = serde_json::from_slice(payload.get(4..4 + len)?).ok()?;
+    let job = StoredJob::decode(payload.get(4 + len..)?)?;
+    Some((record, job))
 }
 
 /// `[u32 record length][record JSON][stored job]`, little endian.

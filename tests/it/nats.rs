@@ -98,12 +98,13 @@ impl Drop for NatsCluster {
 }
 
 fn new_job(id: &str, destinations: &[&str]) -> NewJob {
+    let now = hookgate::queue::embedded::unix_ms();
     NewJob {
         job: StoredJob {
             job_id: id.to_owned(),
             signature: None,
             query: None,
-            accepted_ms: 0,
+            accepted_ms: now,
             body: job(id, &[]).into(),
         },
         records: destinations
@@ -114,8 +115,8 @@ fn new_job(id: &str, destinations: &[&str]) -> NewJob {
                 destination: (*d).to_owned(),
                 rule: "all".into(),
                 attempts: 0,
-                first_ms: 0,
-                next_ms: 0,
+                first_ms: now,
+                next_ms: now,
                 last_attempt_ms: None,
                 last_error: None,
                 dead_reason: None,
@@ -146,4 +147,66 @@ async fn a_job_is_stored_once_per_id_on_three_replicas() {
     assert_eq!((pending.len(), dead.len()), (2, 0));
     let again = queue.accept(new_job("n-1", &["a", "b.c"])).await.unwrap();
     assert!(matches!(again, Accepted::Duplicate));
+}
+
+/// Two replicas drain one destination's consumer: every job arrives, each
+/// once, and one that failed is retried after its backoff by whichever
+/// replica JetStream hands it to.
+#[tokio::test]
+async fn two_replicas_share_the_deliveries() {
+    const N: usize = 20;
+    let cluster = NatsCluster::start(3).await;
+    let down = Downstream::start([Answer::Status(500)]).await;
+    let rules = hookgate::rules::RuleSet::parse(&format!(
+        "[destinations.archive]\nurl = \"{}\"\n[[rules]]\nname = \"all\"\nforward = [\"archive\"]\n",
+        down.url("/hook")
+    ))
+    .unwrap();
+    let (_rules_tx, rules_rx) = tokio::sync::watch::channel(std::sync::Arc::new(rules));
+    let config = cluster.config("t2", 3);
+    let delivery = hookgate::config::DeliveryConfig {
+        backoff_initial: Duration::from_millis(50),
+        backoff_max: Duration::from_millis(100),
+        ..Default::default()
+    };
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut queues = Vec::new();
+    for _ in 0..2 {
+        let queue = std::sync::Arc::new(
+            NatsQueue::connect(&config, 1 << 30, Duration::from_secs(3600))
+                .await
+                .unwrap(),
+        );
+        let metrics = std::sync::Arc::new(hookgate::metrics::Metrics::new(&[]));
+        let workers = std::sync::Arc::new(hookgate::queue::nats::Workers {
+            rules: rules_rx.clone(),
+            attempts: std::sync::Arc::new(
+                hookgate::delivery::attempt::Attempts::new(&delivery, metrics.clone()).unwrap(),
+            ),
+            metrics,
+            max_age: Duration::from_secs(3600),
+            stop: stop.clone(),
+        });
+        tokio::spawn(queue.clone().drain("archive".into(), workers));
+        queues.push(queue);
+    }
+    for i in 0..N {
+        let accepted = queues[i % 2]
+            .accept(new_job(&format!("r-{i}"), &["archive"]))
+            .await
+            .unwrap();
+        assert!(matches!(accepted, Accepted::New { .. }));
+    }
+    let got = down.wait_for(N + 1, Duration::from_secs(20)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut ids: Vec<String> = down
+        .received()
+        .iter()
+        .map(|r| r.header("x-hookgate-job-id").unwrap().to_owned())
+        .collect();
+    assert_eq!(got.len(), N + 1);
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), N, "every job, the failed one twice and no other");
+    stop.cancel();
 }
