@@ -82,6 +82,8 @@ pub enum Error {
     Client(#[from] ClientError),
     #[error(transparent)]
     Spool(#[from] OpenError),
+    #[error(transparent)]
+    Nats(#[from] queue::nats::NatsError),
     #[error("cannot use the listening socket: {0}")]
     Io(#[from] std::io::Error),
     #[error("cannot start a thread: {0}")]
@@ -124,6 +126,8 @@ pub async fn run(
     let draining = CancellationToken::new();
     let in_flight = TaskTracker::new();
     let forwarder = Attempts::new(&config.delivery, metrics.clone())?;
+    // Stops the JetStream delivery workers (nats backend).
+    let nats_stop = CancellationToken::new();
     let (dispatch, dispatcher) = match config.delivery.mode {
         Mode::Direct => (
             Onward::Direct {
@@ -132,9 +136,23 @@ pub async fn run(
             },
             None,
         ),
+        Mode::Durable if config.spool.backend == config::Backend::Nats => {
+            let queue = start_nats(
+                &config,
+                forwarder,
+                metrics.clone(),
+                rules_rx.clone(),
+                nats_stop.clone(),
+            )
+            .await?;
+            (Onward::Durable(queue), None)
+        }
         Mode::Durable => {
             let dispatcher = open_spool(&config, forwarder, metrics.clone(), rules_rx.clone())?;
-            (Onward::Durable(dispatcher.clone()), Some(dispatcher))
+            (
+                Onward::Durable(Arc::new(dispatcher.clone())),
+                Some(dispatcher),
+            )
         }
     };
     let gateway = Pipeline::new(
@@ -235,6 +253,7 @@ pub async fn run(
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         dispatcher.shutdown(left.saturating_sub(close_grace)).await;
     }
+    nats_stop.cancel();
     stop.cancel();
     let _ = tokio::join!(webhook_server, admin_server);
     tracing::info!("stopped");
@@ -248,6 +267,53 @@ async fn abandon(dispatcher: Option<Arc<Lanes>>, e: std::io::Error) -> Error {
         dispatcher.shutdown(std::time::Duration::ZERO).await;
     }
     Error::Thread(e)
+}
+
+/// Connects to JetStream (creating or updating what it needs there) and
+/// starts a delivery worker for each destination of the rules, and for
+/// each one a reload adds.
+async fn start_nats(
+    config: &Config,
+    attempts: Attempts,
+    metrics: Arc<Metrics>,
+    rules: tokio::sync::watch::Receiver<Arc<rules::RuleSet>>,
+    stop: CancellationToken,
+) -> Result<Arc<dyn queue::Queue>, Error> {
+    let nats = &config.spool.nats;
+    let queue = Arc::new(
+        queue::nats::NatsQueue::connect(nats, config.spool.max_bytes.0, config.dedupe.window)
+            .await?,
+    );
+    tracing::info!(servers = ?nats.servers, prefix = %nats.prefix, replicas = nats.replicas, "JetStream streams ready");
+    let workers = Arc::new(queue::nats::Workers {
+        rules: rules.clone(),
+        attempts: Arc::new(attempts),
+        metrics,
+        max_age: config.delivery.max_age,
+        stop: stop.clone(),
+    });
+    let (q, mut rules) = (queue.clone(), rules);
+    tokio::spawn(async move {
+        let mut started = std::collections::HashSet::new();
+        loop {
+            let names: Vec<String> = rules
+                .borrow_and_update()
+                .destinations
+                .iter()
+                .map(|d| d.name.to_string())
+                .collect();
+            for name in names {
+                if started.insert(name.clone()) {
+                    tokio::spawn(q.clone().drain(name, workers.clone()));
+                }
+            }
+            tokio::select! {
+                changed = rules.changed() => if changed.is_err() { return },
+                () = stop.cancelled() => return,
+            }
+        }
+    });
+    Ok(queue)
 }
 
 /// Opens the spool and resumes what it holds.

@@ -779,6 +779,20 @@ impl Lanes {
     }
 }
 
+/// The embedded backend: the lanes take what the spool stored.
+impl crate::queue::Queue for Arc<Lanes> {
+    fn accept(
+        &self,
+        job: NewJob,
+    ) -> futures_util::future::BoxFuture<'_, Result<Accepted, crate::queue::QueueError>> {
+        Box::pin(async move { Ok(Lanes::accept(self, job).await?) })
+    }
+
+    fn seen(&self, job_id: &str) -> Result<bool, crate::queue::QueueError> {
+        Ok(self.spool.seen(job_id)?)
+    }
+}
+
 /// Whether two versions of a destination send to the same place the same
 /// way: otherwise a reload retries its waiting deliveries at once.
 fn same_target(a: &Destination, b: &Destination) -> bool {

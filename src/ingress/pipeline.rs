@@ -14,9 +14,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::delivery::attempt::{Attempts, Delivery, Outcome};
-use crate::delivery::lanes::{Lanes, records_for};
+use crate::delivery::lanes::records_for;
 use crate::metrics::Metrics;
-use crate::queue::embedded::{Accepted, NewJob, SpoolError, StoredJob, unix_ms};
+use crate::queue::embedded::{Accepted, NewJob, StoredJob, unix_ms};
+use crate::queue::{Queue, QueueError};
 use crate::rules::{Decision, Input, RuleSet, UNROUTED};
 use crate::throttle::LogThrottle;
 use crate::webhook::job::{Job, JobError};
@@ -48,7 +49,7 @@ pub enum Rejection {
     #[error("the request body is malformed: {0}")]
     BadBody(String),
     #[error("not accepted, retry later: {0}")]
-    Overloaded(#[from] SpoolError),
+    Overloaded(#[from] QueueError),
     #[error("the gateway is shutting down")]
     Draining,
 }
@@ -110,7 +111,7 @@ pub enum Onward {
         deadline: Duration,
     },
     /// Store durably, answer 202, deliver from the spool.
-    Durable(Arc<Lanes>),
+    Durable(Arc<dyn Queue>),
 }
 
 /// How often a warning that repeats (a refusal, an unsafe query value)
@@ -158,7 +159,7 @@ impl Pipeline {
                 forwarder: Box::new(forwarder.fork()),
                 deadline: *deadline,
             },
-            Onward::Durable(dispatcher) => Onward::Durable(dispatcher.clone()),
+            Onward::Durable(queue) => Onward::Durable(queue.clone()),
         };
         Self {
             verifier: self.verifier.clone(),
@@ -215,8 +216,8 @@ impl Pipeline {
             Ok(job) => job,
             Err(e) => return self.reject(e.into()),
         };
-        if let Onward::Durable(dispatcher) = &self.dispatch {
-            match dispatcher.spool().seen(&job.job_id) {
+        if let Onward::Durable(queue) = &self.dispatch {
+            match queue.seen(&job.job_id) {
                 Ok(true) => return self.duplicate(&job),
                 Ok(false) => {}
                 Err(e) => return self.reject(e.into()),
@@ -268,8 +269,8 @@ impl Pipeline {
                 )
                 .await
             }
-            Onward::Durable(dispatcher) => {
-                self.store(dispatcher, &verified, &job, webhook.query, &decision)
+            Onward::Durable(queue) => {
+                self.store(queue.as_ref(), &verified, &job, webhook.query, &decision)
                     .await
             }
         }
@@ -286,7 +287,7 @@ impl Pipeline {
 
     async fn store(
         &self,
-        dispatcher: &Arc<Lanes>,
+        queue: &dyn Queue,
         verified: &Verified,
         job: &Job<'_>,
         query: Option<String>,
@@ -305,7 +306,7 @@ impl Pipeline {
             },
             records: records_for(decision, &job.job_id, now),
         };
-        match dispatcher.accept(new).await {
+        match queue.accept(new).await {
             Ok(Accepted::New { .. }) => Reply::Done {
                 status: StatusCode::ACCEPTED,
                 job_id: job.job_id.to_string(),

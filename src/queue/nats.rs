@@ -449,6 +449,20 @@ fn decode(payload: &[u8]) -> Option<(Record, StoredJob)> {
     Some((record, job))
 }
 
+impl crate::queue::Queue for NatsQueue {
+    fn accept(
+        &self,
+        job: NewJob,
+    ) -> futures_util::future::BoxFuture<'_, Result<Accepted, crate::queue::QueueError>> {
+        Box::pin(async move { Ok(NatsQueue::accept(self, job).await?) })
+    }
+
+    /// JetStream decides in `accept`, where a seen job id costs one read.
+    fn seen(&self, _job_id: &str) -> Result<bool, crate::queue::QueueError> {
+        Ok(false)
+    }
+}
+
 /// `[u32 record length][record JSON][stored job]`, little endian.
 fn encode(record: &Record, job: &[u8]) -> Vec<u8> {
     let record = serde_json::to_vec(record).unwrap_or_default();

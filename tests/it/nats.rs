@@ -210,3 +210,54 @@ async fn two_replicas_share_the_deliveries() {
     assert_eq!(ids.len(), N, "every job, the failed one twice and no other");
     stop.cancel();
 }
+
+/// Two gateway processes on one JetStream: each accepts, the same job id
+/// sent to both is delivered once, and every job arrives.
+#[tokio::test]
+async fn two_gateways_share_one_queue() {
+    const N: usize = 30;
+    let cluster = NatsCluster::start(3).await;
+    // The cluster has elected its JetStream leader once this returns.
+    NatsQueue::connect(
+        &cluster.config("e2e", 3),
+        1 << 30,
+        Duration::from_secs(3600),
+    )
+    .await
+    .unwrap();
+    let down = Downstream::start([]).await;
+    let servers: Vec<String> = cluster
+        .clients
+        .iter()
+        .map(|p| format!("\"nats://127.0.0.1:{p}\""))
+        .collect();
+    let (dir, config) = GatewayBuilder::forward_all_to(&down.url("/hook"))
+        .config("[delivery]\nmode = \"durable\"")
+        .config(&format!(
+            "[spool]\nbackend = \"nats\"\nnats = {{ servers = [{}], prefix = \"e2e\", replicas = 3 }}",
+            servers.join(", ")
+        ))
+        .write();
+    let a = BinaryGateway::spawn(dir.path(), &config, &[]).await;
+    let b = BinaryGateway::spawn(dir.path(), &config, &[]).await;
+    for i in 0..N {
+        let body = job(&format!("g-{i}"), &[]);
+        let gw = if i % 2 == 0 { &a } else { &b };
+        assert_eq!(gw.post(&body).await.status(), 202, "{i}");
+    }
+    // The same job to both replicas.
+    let twice = job("g-twice", &[]);
+    assert_eq!(a.post(&twice).await.status(), 202);
+    assert_eq!(b.post(&twice).await.status(), 202);
+    down.wait_for(N + 1, Duration::from_secs(20)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut ids: Vec<String> = down
+        .received()
+        .iter()
+        .map(|r| r.header("x-hookgate-job-id").unwrap().to_owned())
+        .collect();
+    assert_eq!(ids.len(), N + 1, "each once");
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), N + 1);
+}
