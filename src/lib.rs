@@ -155,6 +155,10 @@ pub async fn run(
             )
         }
     };
+    let dispatch_queue = match &dispatch {
+        Onward::Durable(queue) => Some(queue.clone()),
+        Onward::Direct { .. } => None,
+    };
     let gateway = Pipeline::new(
         verifier,
         rules_rx,
@@ -209,6 +213,7 @@ pub async fn run(
             draining: draining.clone(),
             reloader: reloader.clone(),
             dispatcher: dispatcher.clone(),
+            queue: dispatch_queue.clone(),
             token: admin_token,
         }))],
         config.server.header_read_timeout,

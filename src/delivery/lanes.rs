@@ -791,6 +791,14 @@ impl crate::queue::Queue for Arc<Lanes> {
     fn seen(&self, job_id: &str) -> Result<bool, crate::queue::QueueError> {
         Ok(self.spool.seen(job_id)?)
     }
+
+    fn ready(&self) -> Result<(), String> {
+        if self.spool.is_healthy() {
+            Ok(())
+        } else {
+            Err("the spool is not writable".into())
+        }
+    }
 }
 
 /// Whether two versions of a destination send to the same place the same

@@ -18,8 +18,10 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     pub draining: CancellationToken,
     pub reloader: Arc<Reloader>,
-    /// Durable mode only: the spool's dead letters.
+    /// Durable mode with the embedded spool: its dead letters.
     pub dispatcher: Option<Arc<Lanes>>,
+    /// Durable mode: the queue, for readiness.
+    pub queue: Option<Arc<dyn crate::queue::Queue>>,
     /// The bearer token for POSTs; with none configured they are refused.
     pub token: Option<String>,
 }
@@ -94,18 +96,14 @@ pub fn routes(
         .and(with_state.clone())
         .map(|state: Arc<AdminState>| {
             if state.draining.is_cancelled() {
-                text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
-            } else if state
-                .dispatcher
-                .as_ref()
-                .is_some_and(|d| !d.spool().is_healthy())
-            {
-                text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "the spool is not writable\n",
-                )
-            } else {
-                text(StatusCode::OK, "ready\n")
+                return text(StatusCode::SERVICE_UNAVAILABLE, "draining\n");
+            }
+            match state.queue.as_ref().map(|q| q.ready()) {
+                Some(Err(why)) => {
+                    warp::reply::with_status(format!("{why}\n"), StatusCode::SERVICE_UNAVAILABLE)
+                        .into_response()
+                }
+                _ => text(StatusCode::OK, "ready\n"),
             }
         });
     let authorization = warp::header::value("authorization")

@@ -28,4 +28,8 @@ pub trait Queue: Send + Sync {
     /// A cheap check before routing: true if `job_id` is known to have been
     /// accepted within the dedupe window. `accept` decides in the end.
     fn seen(&self, job_id: &str) -> Result<bool, QueueError>;
+
+    /// Whether webhooks can be taken now; `Err` says why not (for
+    /// `/readyz` and the log).
+    fn ready(&self) -> Result<(), String>;
 }

@@ -104,9 +104,16 @@ const PENDING: &[u8] = b"pending";
 const STORED: &[u8] = b"stored";
 
 pub struct NatsQueue {
+    client: async_nats::Client,
     js: jetstream::Context,
     seen: stream::Stream,
     names: Names,
+    /// Since when accepts have failed, while they do.
+    failing_since: std::sync::Mutex<Option<Instant>>,
+    /// Since when the client has been disconnected, as last seen.
+    disconnected_since: std::sync::Mutex<Option<Instant>>,
+    /// How long that may last before readiness turns 503.
+    unavailable_after: Duration,
 }
 
 /// What the replicas' delivery workers share.
@@ -136,14 +143,28 @@ impl NatsQueue {
             .connect(servers)
             .await
             .map_err(|e| NatsError::Connect(e.to_string()))?;
-        let js = jetstream::new(client);
+        // A publish that JetStream does not acknowledge within this is
+        // refused (503), never left hanging.
+        let js = jetstream::ContextBuilder::new()
+            .timeout(Duration::from_secs(2))
+            .build(client.clone());
         let names = Names::new(&config.prefix);
         // A cluster that has just started elects its JetStream leader
         // first: set-up is tried again until `unavailable_after`.
         let deadline = tokio::time::Instant::now() + config.unavailable_after;
         loop {
             match setup(&js, &names, config, max_bytes, window).await {
-                Ok(seen) => return Ok(Self { js, seen, names }),
+                Ok(seen) => {
+                    return Ok(Self {
+                        client,
+                        js,
+                        seen,
+                        names,
+                        failing_since: std::sync::Mutex::new(None),
+                        disconnected_since: std::sync::Mutex::new(None),
+                        unavailable_after: config.unavailable_after,
+                    });
+                }
                 Err(e) if tokio::time::Instant::now() < deadline => {
                     tracing::debug!("JetStream not ready yet: {e}");
                     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -272,42 +293,53 @@ impl NatsQueue {
                 .destination(&destination)
                 .map_or(1, |d| workers.attempts.policy(d).concurrency)
         };
-        let consumer = loop {
-            match self.consumer(&destination, concurrency).await {
-                Ok(c) => break c,
-                Err(e) => {
-                    tracing::warn!(%destination, "cannot open the JetStream consumer, retrying: {e}");
-                    tokio::select! {
-                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                        () = workers.stop.cancelled() => return,
-                    }
-                }
-            }
-        };
         let permits = Arc::new(Semaphore::new(concurrency));
-        let mut messages = match consumer.messages().await {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::error!(%destination, "cannot pull from JetStream: {e}");
-                return;
+        // Pulls until stopped; a pull that ends (NATS restarted, the
+        // consumer lost with its stream's quorum) starts again.
+        while !workers.stop.is_cancelled() {
+            if let Err(e) = self
+                .pull(&destination, concurrency, &permits, &workers)
+                .await
+            {
+                tracing::warn!(%destination, "pulling from JetStream stopped, starting again in 1 s: {e}");
             }
-        };
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                () = workers.stop.cancelled() => return,
+            }
+        }
+    }
+
+    /// One pull subscription: messages are attempted as permits allow,
+    /// until the subscription ends.
+    async fn pull(
+        self: &Arc<Self>,
+        destination: &str,
+        concurrency: usize,
+        permits: &Arc<Semaphore>,
+        workers: &Arc<Workers>,
+    ) -> Result<(), NatsError> {
+        let consumer = self.consumer(destination, concurrency).await?;
+        let mut messages = consumer
+            .messages()
+            .await
+            .map_err(|e| NatsError::Publish(e.to_string()))?;
         loop {
             let permit = tokio::select! {
-                p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-                () = workers.stop.cancelled() => return,
+                p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return Ok(()) },
+                () = workers.stop.cancelled() => return Ok(()),
             };
             let message = tokio::select! {
                 m = messages.next() => m,
-                () = workers.stop.cancelled() => return,
+                () = workers.stop.cancelled() => return Ok(()),
             };
-            let Some(message) = message else { return };
             let message = match message {
-                Ok(m) => m,
-                Err(e) => {
+                Some(Ok(m)) => m,
+                Some(Err(e)) => {
                     tracing::debug!(%destination, "pulling from JetStream: {e}");
                     continue;
                 }
+                None => return Err(NatsError::Publish("the pull subscription ended".into())),
             };
             let (me, workers) = (self.clone(), workers.clone());
             tokio::spawn(async move {
@@ -454,12 +486,48 @@ impl crate::queue::Queue for NatsQueue {
         &self,
         job: NewJob,
     ) -> futures_util::future::BoxFuture<'_, Result<Accepted, crate::queue::QueueError>> {
-        Box::pin(async move { Ok(NatsQueue::accept(self, job).await?) })
+        Box::pin(async move {
+            let accepted = NatsQueue::accept(self, job).await;
+            let mut failing = self.failing_since.lock().unwrap_or_else(|p| p.into_inner());
+            match &accepted {
+                Ok(_) => *failing = None,
+                Err(_) => {
+                    failing.get_or_insert_with(Instant::now);
+                }
+            }
+            Ok(accepted?)
+        })
     }
 
     /// JetStream decides in `accept`, where a seen job id costs one read.
     fn seen(&self, _job_id: &str) -> Result<bool, crate::queue::QueueError> {
         Ok(false)
+    }
+
+    /// Ready while NATS takes webhooks, and for `unavailable_after` once it
+    /// does not (a blip does not take every replica out of the Service):
+    /// the client disconnected, or accepts failing while connected (a
+    /// stream without its quorum).
+    fn ready(&self) -> Result<(), String> {
+        let now = Instant::now();
+        let connected = self.client.connection_state() == async_nats::connection::State::Connected;
+        let mut disconnected = self
+            .disconnected_since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if connected {
+            *disconnected = None;
+        } else {
+            disconnected.get_or_insert(now);
+        }
+        let failing = *self.failing_since.lock().unwrap_or_else(|p| p.into_inner());
+        match failing.into_iter().chain(*disconnected).min() {
+            Some(since) if now.duration_since(since) >= self.unavailable_after => Err(format!(
+                "JetStream has not been taking webhooks for {:?}",
+                now.duration_since(since)
+            )),
+            _ => Ok(()),
+        }
     }
 }
 

@@ -74,6 +74,21 @@ impl NatsCluster {
         self.servers[i] = Some(child);
     }
 
+    /// Kills every server (SIGKILL); their stores stay.
+    pub fn stop_all(&mut self) {
+        for child in self.servers.iter_mut().flatten() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts every server again on its store.
+    pub fn start_all(&mut self) {
+        for i in 0..self.servers.len() {
+            self.start_node(i);
+        }
+    }
+
     pub fn config(&self, prefix: &str, replicas: usize) -> NatsConfig {
         NatsConfig {
             servers: self
@@ -260,4 +275,76 @@ async fn two_gateways_share_one_queue() {
     ids.sort();
     ids.dedup();
     assert_eq!(ids.len(), N + 1);
+}
+
+/// Every NATS server down: webhooks get 503 with Retry-After at once (no
+/// 202, no hang), readiness turns 503 after `unavailable_after`; the
+/// servers back, intake resumes without restarting the gateway, and what
+/// was accepted before is delivered.
+#[tokio::test]
+async fn nats_down_refuses_then_resumes() {
+    let mut cluster = NatsCluster::start(3).await;
+    NatsQueue::connect(
+        &cluster.config("down", 3),
+        1 << 30,
+        Duration::from_secs(3600),
+    )
+    .await
+    .unwrap();
+    let down = Downstream::start([]).await;
+    let servers: Vec<String> = cluster
+        .clients
+        .iter()
+        .map(|p| format!("\"nats://127.0.0.1:{p}\""))
+        .collect();
+    let (dir, config) = GatewayBuilder::forward_all_to(&down.url("/hook"))
+        .config("[delivery]\nmode = \"durable\"")
+        .config(&format!(
+            "[spool]\nbackend = \"nats\"\nnats = {{ servers = [{}], prefix = \"down\", replicas = 3, unavailable_after = \"2s\" }}",
+            servers.join(", ")
+        ))
+        .write();
+    let gw = BinaryGateway::spawn(dir.path(), &config, &[]).await;
+    assert_eq!(gw.post(&job("d-before", &[])).await.status(), 202);
+    down.wait_for(1, Duration::from_secs(10)).await;
+
+    cluster.stop_all();
+    for i in 0..3 {
+        let started = std::time::Instant::now();
+        let response = gw.post(&job(&format!("d-during-{i}"), &[])).await;
+        assert_eq!(response.status(), 503, "while NATS is down");
+        assert!(response.headers().contains_key("retry-after"));
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+    let readyz = format!("http://{}/readyz", gw.admin);
+    eventually(Duration::from_secs(10), "readiness 503", || async {
+        gw.client
+            .get(&readyz)
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 503)
+    })
+    .await;
+
+    cluster.start_all();
+    eventually(
+        Duration::from_secs(60),
+        "webhooks accepted again",
+        || async { gw.post(&job("d-after", &[])).await.status() == 202 },
+    )
+    .await;
+    eventually(Duration::from_secs(10), "readiness 200", || async {
+        gw.client
+            .get(&readyz)
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    let got = down.wait_for(2, Duration::from_secs(20)).await;
+    assert_eq!(got[1].header("x-hookgate-job-id"), Some("d-after"));
 }
