@@ -290,7 +290,7 @@ async fn start_nats(
             .await?,
     );
     tracing::info!(servers = ?nats.servers, prefix = %nats.prefix, replicas = nats.replicas, "JetStream streams ready");
-    let workers = Arc::new(queue::nats::Workers {
+    let workers = Arc::new(delivery::pull::Workers {
         rules: rules.clone(),
         attempts: Arc::new(attempts),
         metrics,
@@ -309,7 +309,7 @@ async fn start_nats(
                 .collect();
             for name in names {
                 if started.insert(name.clone()) {
-                    tokio::spawn(q.clone().drain(name, workers.clone()));
+                    tokio::spawn(workers.clone().drain(q.clone(), name));
                 }
             }
             tokio::select! {

@@ -15,24 +15,14 @@
 //!   rather than a key-value bucket: the client's bucket calls do not
 //!   understand the answers of the 2.9 servers Debian ships.)
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, AckKind, consumer::pull, stream};
+use async_nats::jetstream::{self, consumer::pull, stream};
 use base64::Engine as _;
-use futures_util::StreamExt;
-use tokio::sync::{Semaphore, watch};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use crate::config::NatsConfig;
-use crate::delivery::attempt::{Attempts, Outcome};
-use crate::delivery::lane::instant_of;
-use crate::delivery::lanes::{removed_reason, request};
-use crate::delivery::schedule::{Next, RetryPolicy};
-use crate::metrics::Metrics;
-use crate::queue::embedded::{Accepted, NewJob, Record, StoredJob, unix_ms};
-use crate::rules::RuleSet;
+use crate::queue::embedded::{Accepted, NewJob, Record, StoredJob};
 
 /// Why the queue could not be reached or used.
 #[derive(Debug, thiserror::Error)]
@@ -114,15 +104,6 @@ pub struct NatsQueue {
     disconnected_since: std::sync::Mutex<Option<Instant>>,
     /// How long that may last before readiness turns 503.
     unavailable_after: Duration,
-}
-
-/// What the replicas' delivery workers share.
-pub struct Workers {
-    pub rules: watch::Receiver<Arc<RuleSet>>,
-    pub attempts: Arc<Attempts>,
-    pub metrics: Arc<Metrics>,
-    pub max_age: Duration,
-    pub stop: CancellationToken,
 }
 
 impl NatsQueue {
@@ -282,74 +263,10 @@ async fn setup(
 }
 
 impl NatsQueue {
-    /// Delivers what the deliveries stream holds for `destination`, from
-    /// its durable consumer, shared with every other replica: JetStream
-    /// hands each message to one of them, bounds the deliveries in flight
-    /// across all (`max_ack_pending`), and redelivers after a `nak` delay.
-    pub async fn drain(self: Arc<Self>, destination: String, workers: Arc<Workers>) {
-        let concurrency = {
-            let rules = workers.rules.borrow().clone();
-            rules
-                .destination(&destination)
-                .map_or(1, |d| workers.attempts.policy(d).concurrency)
-        };
-        let permits = Arc::new(Semaphore::new(concurrency));
-        // Pulls until stopped; a pull that ends (NATS restarted, the
-        // consumer lost with its stream's quorum) starts again.
-        while !workers.stop.is_cancelled() {
-            if let Err(e) = self
-                .pull(&destination, concurrency, &permits, &workers)
-                .await
-            {
-                tracing::warn!(%destination, "pulling from JetStream stopped, starting again in 1 s: {e}");
-            }
-            tokio::select! {
-                () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                () = workers.stop.cancelled() => return,
-            }
-        }
-    }
-
-    /// One pull subscription: messages are attempted as permits allow,
-    /// until the subscription ends.
-    async fn pull(
-        self: &Arc<Self>,
-        destination: &str,
-        concurrency: usize,
-        permits: &Arc<Semaphore>,
-        workers: &Arc<Workers>,
-    ) -> Result<(), NatsError> {
-        let consumer = self.consumer(destination, concurrency).await?;
-        let mut messages = consumer
-            .messages()
-            .await
-            .map_err(|e| NatsError::Publish(e.to_string()))?;
-        loop {
-            let permit = tokio::select! {
-                p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return Ok(()) },
-                () = workers.stop.cancelled() => return Ok(()),
-            };
-            let message = tokio::select! {
-                m = messages.next() => m,
-                () = workers.stop.cancelled() => return Ok(()),
-            };
-            let message = match message {
-                Some(Ok(m)) => m,
-                Some(Err(e)) => {
-                    tracing::debug!(%destination, "pulling from JetStream: {e}");
-                    continue;
-                }
-                None => return Err(NatsError::Publish("the pull subscription ended".into())),
-            };
-            let (me, workers) = (self.clone(), workers.clone());
-            tokio::spawn(async move {
-                me.attempt(message, &workers).await;
-                drop(permit);
-            });
-        }
-    }
-
-    async fn consumer(
+    /// The durable pull consumer every replica shares for `destination`;
+    /// JetStream lets at most `concurrency` of its messages be in flight
+    /// across all of them.
+    pub async fn consumer(
         &self,
         destination: &str,
         concurrency: usize,
@@ -376,97 +293,22 @@ impl NatsQueue {
             .map_err(|e| NatsError::Publish(e.to_string()))
     }
 
-    /// One attempt of one message: acknowledged once delivered or dead,
-    /// `nak`ed with the backoff otherwise.
-    async fn attempt(&self, message: jetstream::Message, workers: &Workers) {
-        let Some((mut record, job)) = decode(&message.payload) else {
-            tracing::error!(subject = %message.subject, "an undecodable message in the deliveries stream: terminated");
-            let _ = message.ack_with(AckKind::Term).await;
-            return;
-        };
-        let attempts = message.info().map_or(1, |i| i.delivered.max(1) as u32);
-        let rules = workers.rules.borrow().clone();
-        let Some(destination) = rules.destination(&record.destination) else {
-            let reason = removed_reason(&record.destination);
-            self.bury(&message, record, reason).await;
-            return;
-        };
-        let policy = workers.attempts.policy(destination);
-        let delivery = match request(&rules, destination, &record, job) {
-            Ok(d) => d,
-            Err(reason) => {
-                self.bury(&message, record, reason).await;
-                return;
-            }
-        };
-        drop(rules);
-        let outcome = workers.attempts.attempt(&delivery, policy.timeout).await;
-        record.attempts = attempts;
-        record.last_attempt_ms = Some(unix_ms());
-        match &outcome {
-            Outcome::Delivered(_) => {
-                workers
-                    .metrics
-                    .deliveries
-                    .with_label_values(&[record.destination.as_str(), "delivered"])
-                    .inc();
-                if let Err(e) = message.double_ack().await {
-                    tracing::warn!(
-                        "a delivered message's acknowledgement failed (it may be delivered again): {e}"
-                    );
-                }
-            }
-            Outcome::Refused(status) => {
-                record.last_error = Some(outcome.to_string());
-                let reason = format!("refused with {status}");
-                self.bury(&message, record, reason).await;
-            }
-            failed => {
-                record.last_error = Some(failed.to_string());
-                let now = Instant::now();
-                let retry = RetryPolicy {
-                    backoff: workers.attempts.backoff(),
-                    max_attempts: policy.max_attempts,
-                    max_age: workers.max_age,
-                };
-                match retry.after_failure(
-                    attempts,
-                    instant_of(record.first_ms),
-                    now,
-                    failed.retry_after(),
-                    fastrand::f64(),
-                ) {
-                    Next::RetryAt(at) => {
-                        let _ = message
-                            .ack_with(AckKind::Nak(Some(at.saturating_duration_since(now))))
-                            .await;
-                    }
-                    Next::GiveUp(reason) => self.bury(&message, record, reason.to_string()).await,
-                }
-            }
-        }
-    }
-
-    /// Keeps a delivery as a dead letter, then acknowledges its message.
-    async fn bury(&self, message: &jetstream::Message, mut record: Record, reason: String) {
-        tracing::warn!(job_id = %record.job_id, destination = %record.destination, attempts = record.attempts, "dead letter: {reason}");
-        record.dead_reason = Some(reason);
-        record.dead_ms = Some(unix_ms());
-        let job_bytes = &message.payload[4 + record_len(&message.payload).unwrap_or(0)..];
-        let payload = encode(&record, job_bytes);
-        let stored = async {
-            self.js
-                .publish(self.names.dead_subject(&record.destination), payload.into())
-                .await?
-                .await
-        };
-        match stored.await {
-            Ok(_) => {
-                let _ = message.double_ack().await;
-            }
-            // Not acknowledged: JetStream delivers it again.
-            Err(e) => tracing::error!("cannot keep a dead letter, retried later: {e}"),
-        }
+    /// Keeps `record` (its `dead_reason` set) with the job of `message` as
+    /// a dead letter; the caller then acknowledges the message.
+    pub async fn keep_dead(
+        &self,
+        message: &jetstream::Message,
+        record: &Record,
+    ) -> Result<(), NatsError> {
+        let job = &message.payload[4 + record_len(&message.payload).unwrap_or(0)..];
+        let payload = encode(record, job);
+        self.js
+            .publish(self.names.dead_subject(&record.destination), payload.into())
+            .await
+            .map_err(|e| NatsError::Publish(e.to_string()))?
+            .await
+            .map_err(|e| NatsError::Publish(e.to_string()))?;
+        Ok(())
     }
 }
 
@@ -474,7 +316,8 @@ fn record_len(payload: &[u8]) -> Option<usize> {
     Some(u32::from_le_bytes(payload.get(..4)?.try_into().ok()?) as usize)
 }
 
-fn decode(payload: &[u8]) -> Option<(Record, StoredJob)> {
+/// A delivery message's record and job.
+pub fn decode(payload: &[u8]) -> Option<(Record, StoredJob)> {
     let len = record_len(payload)?;
     let record = serde_json::from_slice(payload.get(4..4 + len)?).ok()?;
     let job = StoredJob::decode(payload.get(4 + len..)?)?;

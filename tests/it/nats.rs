@@ -193,7 +193,7 @@ async fn two_replicas_share_the_deliveries() {
                 .unwrap(),
         );
         let metrics = std::sync::Arc::new(hookgate::metrics::Metrics::new(&[]));
-        let workers = std::sync::Arc::new(hookgate::queue::nats::Workers {
+        let workers = std::sync::Arc::new(hookgate::delivery::pull::Workers {
             rules: rules_rx.clone(),
             attempts: std::sync::Arc::new(
                 hookgate::delivery::attempt::Attempts::new(&delivery, metrics.clone()).unwrap(),
@@ -202,7 +202,7 @@ async fn two_replicas_share_the_deliveries() {
             max_age: Duration::from_secs(3600),
             stop: stop.clone(),
         });
-        tokio::spawn(queue.clone().drain("archive".into(), workers));
+        tokio::spawn(workers.drain(queue.clone(), "archive".into()));
         queues.push(queue);
     }
     for i in 0..N {
