@@ -297,6 +297,7 @@ async fn start_nats(
         max_age: config.delivery.max_age,
         stop: stop.clone(),
     });
+    tokio::spawn(workers.clone().report(queue.clone()));
     let (q, mut rules) = (queue.clone(), rules);
     tokio::spawn(async move {
         let mut started = std::collections::HashSet::new();

@@ -167,6 +167,46 @@ impl Workers {
     }
 }
 
+impl Workers {
+    /// Every few seconds, the queue's truth for every replica alike: each
+    /// destination's depth from its consumer (waiting plus in flight), and
+    /// whether JetStream answers.
+    pub async fn report(self: Arc<Self>, queue: Arc<NatsQueue>) {
+        self.metrics.register_queue_backend();
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = self.stop.cancelled() => return,
+            }
+            let names: Vec<String> = self
+                .rules
+                .borrow()
+                .destinations
+                .iter()
+                .map(|d| d.name.to_string())
+                .collect();
+            let mut up = true;
+            for name in names {
+                match queue.depth(&name).await {
+                    Ok(depth) => self
+                        .metrics
+                        .queue_depth
+                        .with_label_values(&[name.as_str()])
+                        .set(depth as i64),
+                    Err(e) => {
+                        up = false;
+                        tracing::debug!(destination = %name, "cannot read the consumer's state: {e}");
+                    }
+                }
+            }
+            self.metrics.queue.backend_up.set(i64::from(
+                up && crate::queue::Queue::ready(queue.as_ref()).is_ok(),
+            ));
+        }
+    }
+}
+
 /// Keeps a delivery as a dead letter, then acknowledges its message; if
 /// it cannot be kept, the message is left for JetStream to deliver again.
 async fn bury(queue: &NatsQueue, message: &jetstream::Message, mut record: Record, reason: String) {

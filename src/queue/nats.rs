@@ -293,6 +293,25 @@ impl NatsQueue {
             .map_err(|e| NatsError::Publish(e.to_string()))
     }
 
+    /// Deliveries of `destination` waiting or in flight, across every
+    /// replica (from its consumer: the same number on each).
+    pub async fn depth(&self, destination: &str) -> Result<u64, NatsError> {
+        let stream = self
+            .js
+            .get_stream(self.names.deliveries())
+            .await
+            .map_err(|e| NatsError::Publish(e.to_string()))?;
+        let mut consumer: jetstream::consumer::Consumer<pull::Config> = stream
+            .get_consumer(&self.names.consumer(destination))
+            .await
+            .map_err(|e| NatsError::Publish(e.to_string()))?;
+        let info = consumer
+            .info()
+            .await
+            .map_err(|e| NatsError::Publish(e.to_string()))?;
+        Ok(info.num_pending + info.num_ack_pending as u64)
+    }
+
     /// Keeps `record` (its `dead_reason` set) with the job of `message` as
     /// a dead letter; the caller then acknowledges the message.
     pub async fn keep_dead(
