@@ -15,7 +15,7 @@ pub struct NatsCluster {
     dir: tempfile::TempDir,
     pub clients: Vec<u16>,
     routes: Vec<u16>,
-    servers: Vec<Option<Child>>,
+    pub servers: Vec<Option<Child>>,
 }
 
 impl NatsCluster {
@@ -72,6 +72,14 @@ impl NatsCluster {
             .spawn()
             .expect("nats-server is installed (apt-get install nats-server)");
         self.servers[i] = Some(child);
+    }
+
+    /// Kills server `i` (SIGKILL); its store stays.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.servers[i].take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 
     /// Kills every server (SIGKILL); their stores stay.
@@ -374,4 +382,94 @@ async fn nats_down_refuses_then_resumes() {
     .await;
     let again = down.received().len() - 2;
     eprintln!("delivered again after the outage: {again}");
+}
+
+/// Under steady load on two replicas, `kill -9` one replica and, later,
+/// one NATS server of three: every job answered 202 is delivered at least
+/// once; duplicates are counted and reported.
+#[tokio::test]
+async fn kill_9_a_replica_and_a_nats_server_under_load() {
+    let mut cluster = NatsCluster::start(3).await;
+    NatsQueue::connect(&cluster.config("k9", 3), 1 << 30, Duration::from_secs(3600))
+        .await
+        .unwrap();
+    let down = Downstream::start([]).await;
+    let servers: Vec<String> = cluster
+        .clients
+        .iter()
+        .map(|p| format!("\"nats://127.0.0.1:{p}\""))
+        .collect();
+    let (dir, config) = GatewayBuilder::forward_all_to(&down.url("/hook"))
+        .config("[delivery]\nmode = \"durable\"")
+        .config(&format!(
+            "[spool]\nbackend = \"nats\"\nnats = {{ servers = [{}], prefix = \"k9\", replicas = 3 }}",
+            servers.join(", ")
+        ))
+        .write();
+    let a = BinaryGateway::spawn(dir.path(), &config, &[]).await;
+    let b = BinaryGateway::spawn(dir.path(), &config, &[]).await;
+    let (a_webhook, b_webhook) = (a.webhook, b.webhook);
+    let client = reqwest::Client::new();
+    let mut accepted = Vec::new();
+    let mut a = Some(a);
+    let started = std::time::Instant::now();
+    let mut i = 0;
+    let mut after_nats_kill = 0;
+    // 16 s of load, a few hundred webhooks a second: a replica is killed
+    // at 2 s, a NATS server at 4 s.
+    while started.elapsed() < Duration::from_secs(16) {
+        if a.is_some() && started.elapsed() >= Duration::from_secs(2) {
+            a.take().unwrap().kill9();
+        }
+        let nats_killed = started.elapsed() >= Duration::from_secs(4);
+        if nats_killed && cluster.servers[1].is_some() {
+            cluster.kill(1);
+        }
+        let target = if a.is_some() && i % 2 == 0 {
+            a_webhook
+        } else {
+            b_webhook
+        };
+        let id = format!("k-{i}");
+        let body = job(&id, &[]);
+        let sent = client
+            .post(format!("http://{target}/results"))
+            .header("X-Hub-Signature-256", sign(&body))
+            .body(body)
+            .send()
+            .await;
+        if sent.is_ok_and(|r| r.status() == 202) {
+            accepted.push(id);
+            after_nats_kill += usize::from(nats_killed);
+        }
+        i += 1;
+    }
+    assert!(
+        after_nats_kill > 100,
+        "with one NATS server of three down, intake goes on: {after_nats_kill} accepted"
+    );
+    assert!(accepted.len() > 500, "only {} accepted", accepted.len());
+    eventually(
+        Duration::from_secs(60),
+        "every accepted job delivered",
+        || async {
+            let got: std::collections::HashSet<String> = down
+                .received()
+                .iter()
+                .filter_map(|r| r.header("x-hookgate-job-id").map(str::to_owned))
+                .collect();
+            accepted.iter().all(|id| got.contains(id))
+        },
+    )
+    .await;
+    let received = down.received().len();
+    eprintln!(
+        "{} sent, {} accepted ({} after a NATS server was killed), {} deliveries: {} delivered again",
+        i,
+        accepted.len(),
+        after_nats_kill,
+        received,
+        received.saturating_sub(accepted.len())
+    );
+    drop(b);
 }
