@@ -278,7 +278,6 @@ impl Metrics {
         m
     }
 
-    /// Counts what the moderation result says, with bounded labels.
     /// Exposes the spool's series, at their start values (durable mode).
     pub fn register_spool(&self) {
         let spool = &self.spool;
@@ -296,6 +295,7 @@ impl Metrics {
         spool.writable.set(1);
     }
 
+    /// Counts what the moderation result says, with bounded labels.
     pub fn observe_job(&self, job: &Job<'_>) {
         if job.is_error {
             self.errored.inc();
