@@ -295,7 +295,6 @@ impl Metrics {
         m
     }
 
-    /// Counts what the moderation result says, with bounded labels.
     /// Exposes the spool's series, at their start values (durable mode).
     /// Exposes the shared queue's series (the nats backend).
     pub fn register_queue_backend(&self) {
@@ -321,6 +320,7 @@ impl Metrics {
         spool.writable.set(1);
     }
 
+    /// Counts what the moderation result says, with bounded labels.
     pub fn observe_job(&self, job: &Job<'_>) {
         if job.is_error {
             self.errored.inc();
