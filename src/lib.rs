@@ -212,7 +212,6 @@ pub async fn run(
             metrics,
             draining: draining.clone(),
             reloader: reloader.clone(),
-            dispatcher: dispatcher.clone(),
             queue: dispatch_queue.clone(),
             token: admin_token,
         }))],

@@ -30,6 +30,7 @@ use crate::delivery::lane::{Lane, Turn, instant_of};
 use crate::delivery::origins::{Admit, CircuitEvent, Origin, Reached};
 use crate::delivery::schedule::{Next, RetryPolicy};
 use crate::metrics::{Metrics, SPOOL_OPS};
+use crate::queue::ReplayReport;
 use crate::queue::embedded::{
     Accepted, DeadFilter, HELD_PER_DESTINATION, NewJob, Record, Recovered, Replayed, Spool,
     SpoolError, StoredJob, unix_ms,
@@ -55,18 +56,6 @@ struct Prepared {
     origin: Origin,
     /// The rules it was made with.
     rules: Arc<RuleSet>,
-}
-
-/// What a replay did.
-#[derive(Debug, Default, serde::Serialize)]
-pub struct ReplayReport {
-    /// Dead letters pending again for the same destination.
-    pub replayed: usize,
-    /// Dead letters whose jobs the rules in force routed again.
-    pub rerouted: usize,
-    /// Dead letters left as they were: the rules in force route their
-    /// jobs nowhere.
-    pub still_unrouted: usize,
 }
 
 /// The reason of a dead letter whose destination left the rules.
@@ -790,6 +779,41 @@ impl crate::queue::Queue for Arc<Lanes> {
 
     fn seen(&self, job_id: &str) -> Result<bool, crate::queue::QueueError> {
         Ok(self.spool.seen(job_id)?)
+    }
+
+    fn dead_letters(
+        &self,
+        filter: DeadFilter,
+        after: Option<u64>,
+        limit: usize,
+    ) -> futures_util::future::BoxFuture<'_, Result<Vec<(u64, Record)>, crate::queue::QueueError>>
+    {
+        Box::pin(async move { Ok(self.spool.dead_letters(&filter, after, limit)?) })
+    }
+
+    fn replay(
+        &self,
+        filter: DeadFilter,
+        reroute: bool,
+    ) -> futures_util::future::BoxFuture<'_, Result<ReplayReport, crate::queue::QueueError>> {
+        Box::pin(async move { Ok(Lanes::replay(self, filter, reroute).await?) })
+    }
+
+    fn purge(
+        &self,
+        filter: DeadFilter,
+    ) -> futures_util::future::BoxFuture<'_, Result<usize, crate::queue::QueueError>> {
+        Box::pin(async move { Ok(Lanes::purge(self, filter).await?) })
+    }
+
+    fn quarantined(
+        &self,
+    ) -> Result<Vec<crate::queue::embedded::Quarantined>, crate::queue::QueueError> {
+        Ok(self.spool.quarantined()?)
+    }
+
+    fn refresh_gauges(&self) {
+        Lanes::refresh_gauges(self);
     }
 
     fn ready(&self) -> Result<(), String> {

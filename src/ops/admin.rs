@@ -9,19 +9,17 @@ use tokio_util::sync::CancellationToken;
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
-use crate::delivery::lanes::Lanes;
 use crate::metrics::Metrics;
 use crate::ops::reload::{Reloaded, Reloader};
+use crate::queue::Queue;
 use crate::queue::embedded::DeadFilter;
 
 pub struct AdminState {
     pub metrics: Arc<Metrics>,
     pub draining: CancellationToken,
     pub reloader: Arc<Reloader>,
-    /// Durable mode with the embedded spool: its dead letters.
-    pub dispatcher: Option<Arc<Lanes>>,
-    /// Durable mode: the queue, for readiness.
-    pub queue: Option<Arc<dyn crate::queue::Queue>>,
+    /// Durable mode: the queue, for readiness, gauges and dead letters.
+    pub queue: Option<Arc<dyn Queue>>,
     /// The bearer token for POSTs; with none configured they are refused.
     pub token: Option<String>,
 }
@@ -78,8 +76,8 @@ pub fn routes(
         .and(warp::get())
         .and(with_state.clone())
         .map(|state: Arc<AdminState>| {
-            if let Some(d) = &state.dispatcher {
-                d.refresh_gauges();
+            if let Some(q) = &state.queue {
+                q.refresh_gauges();
             }
             let mut response = Response::new(state.metrics.encode().into());
             response.headers_mut().insert(
@@ -137,14 +135,14 @@ pub fn routes(
         });
     // The dead-letter calls also need the spool (durable mode).
     let spooled = authorized.map(|authorized: Authorized| {
-        authorized.and_then(|state| state.dispatcher.clone().ok_or_else(|| Box::new(no_spool())))
+        authorized.and_then(|state| state.queue.clone().ok_or_else(|| Box::new(no_spool())))
     });
     let dead_letters = warp::path!("admin" / "dead-letters");
     let list = dead_letters
         .and(warp::get())
         .and(spooled.clone())
         .and(warp::query::<ListQuery>())
-        .map(|spooled: Spooled, q: ListQuery| {
+        .then(|spooled: Spooled, q: ListQuery| async move {
             let d = match spooled {
                 Ok(d) => d,
                 Err(refused) => return *refused,
@@ -154,7 +152,7 @@ pub fn routes(
                 job_id: q.job_id,
             };
             let limit = q.limit.unwrap_or(100).clamp(1, 1000);
-            match d.spool().dead_letters(&filter, q.after, limit) {
+            match d.dead_letters(filter, q.after, limit).await {
                 Ok(page) => {
                     let next_after = page
                         .last()
@@ -217,7 +215,7 @@ pub fn routes(
                 Ok(d) => d,
                 Err(refused) => return *refused,
             };
-            match d.spool().quarantined() {
+            match d.quarantined() {
                 Ok(records) => json_reply(StatusCode::OK, &json!({ "quarantined": records })),
                 Err(e) => json_reply(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -266,7 +264,7 @@ pub fn routes(
 type Authorized = Result<Arc<AdminState>, Box<Response>>;
 
 /// As [`Authorized`], for a call that also needs the spool.
-type Spooled = Result<Arc<Lanes>, Box<Response>>;
+type Spooled = Result<Arc<dyn Queue>, Box<Response>>;
 
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -22,7 +22,10 @@ use base64::Engine as _;
 use tokio::time::Instant;
 
 use crate::config::NatsConfig;
-use crate::queue::embedded::{Accepted, NewJob, Record, StoredJob};
+use futures_util::future::BoxFuture;
+
+use crate::queue::ReplayReport;
+use crate::queue::embedded::{Accepted, DeadFilter, NewJob, Record, StoredJob};
 
 /// Why the queue could not be reached or used.
 #[derive(Debug, thiserror::Error)]
@@ -331,6 +334,57 @@ impl NatsQueue {
     }
 }
 
+impl NatsQueue {
+    async fn dead_stream(&self) -> Result<stream::Stream, NatsError> {
+        self.js
+            .get_stream(self.names.dead())
+            .await
+            .map_err(|e| NatsError::Publish(e.to_string()))
+    }
+
+    /// Dead letters matching `filter` with sequences above `after`, oldest
+    /// first, at most `limit`: sequence, record and the stored job's bytes.
+    async fn matching_dead(
+        &self,
+        filter: &DeadFilter,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<(u64, Record, Vec<u8>)>, NatsError> {
+        let mut dead = self.dead_stream().await?;
+        let state = dead
+            .info()
+            .await
+            .map_err(|e| NatsError::Publish(e.to_string()))?
+            .state
+            .clone();
+        let mut out = Vec::new();
+        let from = after.map_or(state.first_sequence, |a| (a + 1).max(state.first_sequence));
+        for seq in from..=state.last_sequence {
+            if out.len() >= limit {
+                break;
+            }
+            // Deleted (replayed, purged) sequences leave gaps.
+            let Ok(message) = dead.get_raw_message(seq).await else {
+                continue;
+            };
+            let Some(len) = record_len(&message.payload) else {
+                continue;
+            };
+            let Some(record) = message
+                .payload
+                .get(4..4 + len)
+                .and_then(|r| serde_json::from_slice::<Record>(r).ok())
+            else {
+                continue;
+            };
+            if filter.matches(&record) {
+                out.push((seq, record, message.payload[4 + len..].to_vec()));
+            }
+        }
+        Ok(out)
+    }
+}
+
 fn record_len(payload: &[u8]) -> Option<usize> {
     Some(u32::from_le_bytes(payload.get(..4)?.try_into().ok()?) as usize)
 }
@@ -365,6 +419,93 @@ impl crate::queue::Queue for NatsQueue {
     fn seen(&self, _job_id: &str) -> Result<bool, crate::queue::QueueError> {
         Ok(false)
     }
+
+    fn dead_letters(
+        &self,
+        filter: DeadFilter,
+        after: Option<u64>,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<(u64, Record)>, crate::queue::QueueError>> {
+        Box::pin(async move {
+            let mut out = Vec::new();
+            for (seq, record, _) in self.matching_dead(&filter, after, limit).await? {
+                out.push((seq, record));
+            }
+            Ok(out)
+        })
+    }
+
+    /// Each matching dead letter goes back to its destination's subject
+    /// with its attempts reset (and a message id of its own, so that it is
+    /// not taken for the original), then leaves the dead-letter stream.
+    fn replay(
+        &self,
+        filter: DeadFilter,
+        reroute: bool,
+    ) -> BoxFuture<'_, Result<ReplayReport, crate::queue::QueueError>> {
+        Box::pin(async move {
+            if reroute {
+                return Err(NatsError::Publish(
+                    "reroute=true is not available with the nats backend yet".into(),
+                )
+                .into());
+            }
+            let mut report = ReplayReport::default();
+            let dead = self.dead_stream().await?;
+            for (seq, mut record, job) in self.matching_dead(&filter, None, usize::MAX).await? {
+                let now = crate::queue::embedded::unix_ms();
+                record.attempts = 0;
+                record.first_ms = now;
+                record.next_ms = now;
+                record.dead_reason = None;
+                record.dead_ms = None;
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert(
+                    "Nats-Msg-Id",
+                    format!("{}/{}/replay-{seq}", record.job_id, record.destination).as_str(),
+                );
+                let publish = |e: &dyn std::fmt::Display| NatsError::Publish(e.to_string());
+                self.js
+                    .publish_with_headers(
+                        self.names.deliver(&record.destination),
+                        headers,
+                        encode(&record, &job).into(),
+                    )
+                    .await
+                    .map_err(|e| publish(&e))?
+                    .await
+                    .map_err(|e| publish(&e))?;
+                dead.delete_message(seq).await.map_err(|e| publish(&e))?;
+                report.replayed += 1;
+            }
+            Ok(report)
+        })
+    }
+
+    fn purge(&self, filter: DeadFilter) -> BoxFuture<'_, Result<usize, crate::queue::QueueError>> {
+        Box::pin(async move {
+            let dead = self.dead_stream().await?;
+            let mut purged = 0;
+            for (seq, _, _) in self.matching_dead(&filter, None, usize::MAX).await? {
+                dead.delete_message(seq)
+                    .await
+                    .map_err(|e| NatsError::Publish(e.to_string()))?;
+                purged += 1;
+            }
+            Ok(purged)
+        })
+    }
+
+    /// Nothing is quarantined: an undecodable message is terminated, and
+    /// logged, when pulled.
+    fn quarantined(
+        &self,
+    ) -> Result<Vec<crate::queue::embedded::Quarantined>, crate::queue::QueueError> {
+        Ok(Vec::new())
+    }
+
+    /// Set every few seconds from the engine by the delivery workers.
+    fn refresh_gauges(&self) {}
 
     /// Ready while NATS takes webhooks, and for `unavailable_after` once it
     /// does not (a blip does not take every replica out of the Service):

@@ -473,3 +473,85 @@ async fn kill_9_a_replica_and_a_nats_server_under_load() {
     );
     drop(b);
 }
+
+/// Dead letters on JetStream through the same admin API: listed with
+/// their reason, replayed to the destination as the rules now define it,
+/// purged.
+#[tokio::test]
+async fn dead_letters_list_replay_and_purge_on_jetstream() {
+    let cluster = NatsCluster::start(3).await;
+    NatsQueue::connect(&cluster.config("dl", 3), 1 << 30, Duration::from_secs(3600))
+        .await
+        .unwrap();
+    let down = Downstream::start([]).await;
+    down.answer_path("/wrong", Answer::Status(404));
+    let servers: Vec<String> = cluster
+        .clients
+        .iter()
+        .map(|p| format!("\"nats://127.0.0.1:{p}\""))
+        .collect();
+    let token = "nats-dead-letter-token";
+    let (dir, config) = GatewayBuilder::forward_all_to(&down.url("/wrong"))
+        .config("[delivery]\nmode = \"durable\"")
+        .config(&format!(
+            "[spool]\nbackend = \"nats\"\nnats = {{ servers = [{}], prefix = \"dl\", replicas = 3 }}",
+            servers.join(", ")
+        ))
+        .admin_token(token)
+        .write();
+    let gw = BinaryGateway::spawn(dir.path(), &config, &[]).await;
+    for id in ["dl-1", "dl-2"] {
+        assert_eq!(gw.post(&job(id, &[])).await.status(), 202);
+    }
+    let admin = |method: reqwest::Method, path: &str| {
+        gw.client
+            .request(method, format!("http://{}{path}", gw.admin))
+            .bearer_auth(token)
+            .send()
+    };
+    let listed = || async {
+        let r = admin(reqwest::Method::GET, "/admin/dead-letters")
+            .await
+            .unwrap();
+        let body: serde_json::Value = r.json().await.unwrap();
+        body["dead_letters"].as_array().cloned().unwrap_or_default()
+    };
+    eventually(Duration::from_secs(10), "two dead letters", || async {
+        listed().await.len() == 2
+    })
+    .await;
+    let letters = listed().await;
+    assert!(
+        letters[0]["reason"].as_str().unwrap().contains("404"),
+        "{letters:?}"
+    );
+
+    // Fixed in the rules, then replayed: one by job id; the other purged.
+    std::fs::write(
+        dir.path().join("rules.toml"),
+        GatewayBuilder::forward_all_rules(&down.url("/right")),
+    )
+    .unwrap();
+    let reloaded = admin(reqwest::Method::POST, "/-/reload").await.unwrap();
+    assert_eq!(reloaded.status(), 200);
+    let r = admin(
+        reqwest::Method::POST,
+        "/admin/dead-letters/replay?job_id=dl-1",
+    )
+    .await
+    .unwrap();
+    let report: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(report["replayed"], 1, "{report}");
+    eventually(Duration::from_secs(10), "dl-1 at /right", || async {
+        down.received()
+            .iter()
+            .any(|r| r.path == "/right" && r.header("x-hookgate-job-id") == Some("dl-1"))
+    })
+    .await;
+    let r = admin(reqwest::Method::DELETE, "/admin/dead-letters?job_id=dl-2")
+        .await
+        .unwrap();
+    let purged: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(purged["purged"], 1, "{purged}");
+    assert!(listed().await.is_empty());
+}

@@ -178,7 +178,7 @@ pub struct DeadFilter {
 }
 
 impl DeadFilter {
-    fn matches(&self, r: &Record) -> bool {
+    pub fn matches(&self, r: &Record) -> bool {
         self.destination
             .as_ref()
             .is_none_or(|d| *d == r.destination)
