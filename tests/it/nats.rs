@@ -374,7 +374,7 @@ async fn nats_down_refuses_then_resumes() {
     .await;
     // At least once: an acknowledgement lost with the servers makes
     // JetStream deliver that job again; counted, not lost.
-    eventually(Duration::from_secs(20), "d-after delivered", || async {
+    eventually(Duration::from_secs(60), "d-after delivered", || async {
         down.received()
             .iter()
             .any(|r| r.header("x-hookgate-job-id") == Some("d-after"))
