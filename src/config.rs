@@ -440,6 +440,37 @@ impl Config {
                 "delivery.connect_timeout and delivery.connection_lifetime must be more than 0s",
             ),
             (
+                self.spool.backend == Backend::Embedded || !self.spool.nats.servers.is_empty(),
+                "spool.backend = \"nats\" needs spool.nats.servers",
+            ),
+            (
+                matches!(self.spool.nats.replicas, 1 | 3),
+                "spool.nats.replicas is 1 or 3",
+            ),
+            (
+                !self.spool.nats.prefix.is_empty()
+                    && self.spool.nats.prefix.len() <= 32
+                    && self
+                        .spool
+                        .nats
+                        .prefix
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-')),
+                "spool.nats.prefix is 1 to 32 of [A-Za-z0-9_-] (it names streams and subjects)",
+            ),
+            (
+                [
+                    self.spool.nats.creds_file.is_some(),
+                    self.spool.nats.nkey_file.is_some(),
+                    self.spool.nats.token_env.is_some() || self.spool.nats.token_file.is_some(),
+                ]
+                .iter()
+                .filter(|set| **set)
+                .count()
+                    <= 1,
+                "spool.nats: one of creds_file, nkey_file, or token_env / token_file",
+            ),
+            (
                 !d.stalled_after.is_zero(),
                 "delivery.stalled_after must be more than 0s",
             ),

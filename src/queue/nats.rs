@@ -122,7 +122,8 @@ impl NatsQueue {
             .map(|s| s.parse::<async_nats::ServerAddr>())
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| NatsError::Connect(e.to_string()))?;
-        let client = async_nats::ConnectOptions::new()
+        let client = options(config)
+            .await?
             .retry_on_initial_connect()
             .connect(servers)
             .await
@@ -212,6 +213,47 @@ impl NatsQueue {
             .map_err(|e| publish(&e))?;
         Ok(Accepted::New { pending, dead })
     }
+}
+
+/// The connection's credentials and TLS, read from where the config
+/// names them (never the config file itself).
+async fn options(config: &NatsConfig) -> Result<async_nats::ConnectOptions, NatsError> {
+    let unreadable = |what: &str, e: &dyn std::fmt::Display| {
+        NatsError::Connect(format!("cannot read {what}: {e}"))
+    };
+    let mut options = async_nats::ConnectOptions::new();
+    if let Some(path) = &config.creds_file {
+        options = options
+            .credentials_file(path)
+            .await
+            .map_err(|e| unreadable(&path.display().to_string(), &e))?;
+    }
+    if let Some(path) = &config.nkey_file {
+        let seed = std::fs::read_to_string(path)
+            .map_err(|e| unreadable(&path.display().to_string(), &e))?;
+        options = options.nkey(seed.trim().to_owned());
+    }
+    let token = match (&config.token_env, &config.token_file) {
+        (Some(var), _) => Some(std::env::var(var).map_err(|e| unreadable(var, &e))?),
+        (None, Some(path)) => Some(
+            std::fs::read_to_string(path)
+                .map_err(|e| unreadable(&path.display().to_string(), &e))?,
+        ),
+        (None, None) => None,
+    };
+    if let Some(token) = token {
+        options = options.token(token.trim().to_owned());
+    }
+    if let Some(tls) = &config.tls {
+        options = options.require_tls(true);
+        if let Some(ca) = &tls.ca_file {
+            options = options.add_root_certificates(ca.clone());
+        }
+        if let (Some(cert), Some(key)) = (&tls.client_cert_file, &tls.client_key_file) {
+            options = options.add_client_certificate(cert.clone(), key.clone());
+        }
+    }
+    Ok(options)
 }
 
 /// Creates, or updates to this configuration, the deliveries stream and

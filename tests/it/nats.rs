@@ -555,3 +555,45 @@ async fn dead_letters_list_replay_and_purge_on_jetstream() {
     assert_eq!(purged["purged"], 1, "{purged}");
     assert!(listed().await.is_empty());
 }
+
+/// A server that requires a token: the token is read from the file the
+/// config names, and the queue works.
+#[tokio::test]
+async fn a_token_from_a_file_is_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let conf = dir.path().join("n.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "listen: 127.0.0.1:{port}\njetstream {{ store_dir: \"{}\" }}\nauthorization {{ token: \"s3cret-token\" }}\n",
+            dir.path().join("js").display()
+        ),
+    )
+    .unwrap();
+    let mut server = Command::new("nats-server")
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::fs::write(dir.path().join("token"), "s3cret-token\n").unwrap();
+    let config = NatsConfig {
+        servers: vec![format!("nats://127.0.0.1:{port}")],
+        token_file: Some(dir.path().join("token")),
+        prefix: "tok".into(),
+        ..NatsConfig::default()
+    };
+    let queue = NatsQueue::connect(&config, 1 << 30, Duration::from_secs(60)).await;
+    let accepted = match &queue {
+        Ok(q) => q
+            .accept(new_job("tok-1", &["a"]))
+            .await
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(matches!(accepted, Ok(Accepted::New { .. })), "{accepted:?}");
+}
