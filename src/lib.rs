@@ -126,8 +126,7 @@ pub async fn run(
     let draining = CancellationToken::new();
     let in_flight = TaskTracker::new();
     let forwarder = Attempts::new(&config.delivery, metrics.clone())?;
-    // Stops the JetStream delivery workers (nats backend).
-    let nats_stop = CancellationToken::new();
+    let mut nats_workers = None;
     let (dispatch, dispatcher) = match config.delivery.mode {
         Mode::Direct => (
             Onward::Direct {
@@ -137,15 +136,9 @@ pub async fn run(
             None,
         ),
         Mode::Durable if config.spool.backend == config::Backend::Nats => {
-            let queue = start_nats(
-                &config,
-                forwarder,
-                metrics.clone(),
-                rules_rx.clone(),
-                nats_stop.clone(),
-            )
-            .await?;
-            (Onward::Durable(queue), None)
+            let workers = start_nats(&config, forwarder, metrics.clone(), rules_rx.clone()).await?;
+            nats_workers = Some(workers.clone());
+            (Onward::Durable(workers), None)
         }
         Mode::Durable => {
             let dispatcher = open_spool(&config, forwarder, metrics.clone(), rules_rx.clone())?;
@@ -257,7 +250,11 @@ pub async fn run(
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         dispatcher.shutdown(left.saturating_sub(close_grace)).await;
     }
-    nats_stop.cancel();
+    if let Some(workers) = nats_workers {
+        // Messages not acknowledged by then are handed out again.
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        workers.shutdown(left.saturating_sub(close_grace)).await;
+    }
     stop.cancel();
     let _ = tokio::join!(webhook_server, admin_server);
     tracing::info!("stopped");
@@ -281,44 +278,23 @@ async fn start_nats(
     attempts: Attempts,
     metrics: Arc<Metrics>,
     rules: tokio::sync::watch::Receiver<Arc<rules::RuleSet>>,
-    stop: CancellationToken,
-) -> Result<Arc<dyn queue::Queue>, Error> {
+) -> Result<Arc<delivery::pull::Workers>, Error> {
     let nats = &config.spool.nats;
     let queue = Arc::new(
         queue::nats::NatsQueue::connect(nats, config.spool.max_bytes.0, config.dedupe.window)
             .await?,
     );
     tracing::info!(servers = ?nats.servers, prefix = %nats.prefix, replicas = nats.replicas, "JetStream streams ready");
-    let workers = Arc::new(delivery::pull::Workers {
-        rules: rules.clone(),
-        attempts: Arc::new(attempts),
+    let workers = Arc::new(delivery::pull::Workers::new(
+        queue.clone(),
+        rules.clone(),
+        Arc::new(attempts),
         metrics,
-        max_age: config.delivery.max_age,
-        stop: stop.clone(),
-    });
-    tokio::spawn(workers.clone().report(queue.clone()));
-    let (q, mut rules) = (queue.clone(), rules);
-    tokio::spawn(async move {
-        let mut started = std::collections::HashSet::new();
-        loop {
-            let names: Vec<String> = rules
-                .borrow_and_update()
-                .destinations
-                .iter()
-                .map(|d| d.name.to_string())
-                .collect();
-            for name in names {
-                if started.insert(name.clone()) {
-                    tokio::spawn(workers.clone().drain(q.clone(), name));
-                }
-            }
-            tokio::select! {
-                changed = rules.changed() => if changed.is_err() { return },
-                () = stop.cancelled() => return,
-            }
-        }
-    });
-    Ok(queue)
+        config.delivery.max_age,
+    ));
+    tokio::spawn(workers.clone().report());
+    workers.clone().follow().await?;
+    Ok(workers)
 }
 
 /// Opens the spool and resumes what it holds.

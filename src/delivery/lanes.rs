@@ -663,18 +663,9 @@ impl Lanes {
             return Ok(false);
         };
         let rules = self.rules.borrow().clone();
-        let Ok(parsed) = Job::from_bytes(&stored.body) else {
+        let Some(records) = route_again(&rules, &stored, unix_ms()) else {
             return Ok(false);
         };
-        let query = Query::new(stored.query.as_deref(), parsed.callback_url.as_deref());
-        let decision = rules.decide(Input {
-            job: &parsed,
-            query: &query,
-        });
-        if decision.is_unrouted() {
-            return Ok(false);
-        }
-        let records = records_for(&decision, &parsed.job_id, unix_ms());
         let ids = dead.iter().map(|(id, _)| *id).collect();
         let (pending, buried) = self.spool.reroute(ids, job, records).await?;
         for (_, record) in &dead {
@@ -827,7 +818,7 @@ impl crate::queue::Queue for Arc<Lanes> {
 
 /// Whether two versions of a destination send to the same place the same
 /// way: otherwise a reload retries its waiting deliveries at once.
-fn same_target(a: &Destination, b: &Destination) -> bool {
+pub(crate) fn same_target(a: &Destination, b: &Destination) -> bool {
     a.url.source() == b.url.source()
         && a.headers == b.headers
         && a.transport.id() == b.transport.id()
@@ -872,6 +863,21 @@ pub fn records_for(
             r
         })
         .collect()
+}
+
+/// The records of a stored job routed again by `rules` (a replay with
+/// reroute); `None` when they route it nowhere.
+pub(crate) fn route_again(rules: &RuleSet, stored: &StoredJob, now_ms: u64) -> Option<Vec<Record>> {
+    let parsed = Job::from_bytes(&stored.body).ok()?;
+    let query = Query::new(stored.query.as_deref(), parsed.callback_url.as_deref());
+    let decision = rules.decide(Input {
+        job: &parsed,
+        query: &query,
+    });
+    if decision.is_unrouted() {
+        return None;
+    }
+    Some(records_for(&decision, &parsed.job_id, now_ms))
 }
 
 /// The HTTP request of a stored delivery under the rules in force: the

@@ -223,7 +223,6 @@ impl Pipeline {
                 Err(e) => return self.reject(e.into()),
             }
         }
-        self.metrics.observe_job(&job);
         let query = Query::new(webhook.query.as_deref(), job.callback_url.as_deref());
         // One version of the rules for the whole webhook, even if a reload
         // lands while it is being delivered.
@@ -232,6 +231,32 @@ impl Pipeline {
             job: &job,
             query: &query,
         });
+        match &self.dispatch {
+            Onward::Direct {
+                forwarder,
+                deadline,
+            } => {
+                self.observe(&job, &decision);
+                self.forward(
+                    forwarder,
+                    Instant::now() + *deadline,
+                    &verified,
+                    &job,
+                    &decision,
+                )
+                .await
+            }
+            Onward::Durable(queue) => {
+                self.store(queue.as_ref(), &verified, &job, webhook.query, &decision)
+                    .await
+            }
+        }
+    }
+
+    /// Counts and logs a job taken for delivery: once, not again for a
+    /// duplicate or for a webhook the queue refused (its sender retries).
+    fn observe(&self, job: &Job<'_>, decision: &Decision<'_>) {
+        self.metrics.observe_job(job);
         if decision.is_unrouted() {
             self.metrics.routed.with_label_values(&[UNROUTED]).inc();
             tracing::error!(job_id = %job.job_id, "no rule matched: not forwarded (add a catch-all rule)");
@@ -253,25 +278,6 @@ impl Pipeline {
                         "not forwarded there: {e}"
                     );
                 }
-            }
-        }
-        match &self.dispatch {
-            Onward::Direct {
-                forwarder,
-                deadline,
-            } => {
-                self.forward(
-                    forwarder,
-                    Instant::now() + *deadline,
-                    &verified,
-                    &job,
-                    &decision,
-                )
-                .await
-            }
-            Onward::Durable(queue) => {
-                self.store(queue.as_ref(), &verified, &job, webhook.query, &decision)
-                    .await
             }
         }
     }
@@ -307,10 +313,13 @@ impl Pipeline {
             records: records_for(decision, &job.job_id, now),
         };
         match queue.accept(new).await {
-            Ok(Accepted::New { .. }) => Reply::Done {
-                status: StatusCode::ACCEPTED,
-                job_id: job.job_id.to_string(),
-            },
+            Ok(Accepted::New { .. }) => {
+                self.observe(job, decision);
+                Reply::Done {
+                    status: StatusCode::ACCEPTED,
+                    job_id: job.job_id.to_string(),
+                }
+            }
             Ok(Accepted::Duplicate) => self.duplicate(job),
             Err(e) => self.reject(e.into()),
         }

@@ -21,10 +21,11 @@ use async_nats::jetstream::{self, consumer::pull, stream};
 use base64::Engine as _;
 use tokio::time::Instant;
 
-use crate::config::NatsConfig;
-use futures_util::future::BoxFuture;
+use std::collections::HashMap;
 
-use crate::queue::ReplayReport;
+use futures_util::TryStreamExt;
+
+use crate::config::NatsConfig;
 use crate::queue::embedded::{Accepted, DeadFilter, NewJob, Record, StoredJob};
 
 /// Why the queue could not be reached or used.
@@ -40,6 +41,30 @@ pub enum NatsError {
     },
     #[error("JetStream did not take the webhook: {0}")]
     Publish(String),
+}
+
+/// Where a queued delivery is: due (its destination's consumer hands it
+/// to an attempt, at most `concurrency` at a time across every replica),
+/// or waiting for its next attempt (a retry's backoff, an open circuit).
+///
+/// Waiting deliveries have a subject and a consumer of their own because
+/// JetStream counts a message `nak`ed with a delay against its consumer's
+/// `max_ack_pending` until it is handed out again: on the due consumer,
+/// a destination's retries would take its concurrency from everything
+/// else queued for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Queued {
+    Due,
+    Waiting,
+}
+
+impl Queued {
+    fn token(self) -> &'static str {
+        match self {
+            Queued::Due => "deliver",
+            Queued::Waiting => "wait",
+        }
+    }
 }
 
 /// The names of everything a deployment keeps in NATS, from its prefix.
@@ -63,9 +88,15 @@ impl Names {
         format!("{}.dead.{}", self.prefix, destination.replace('.', "~"))
     }
 
-    /// The durable consumer every replica shares for a destination.
-    pub fn consumer(&self, destination: &str) -> String {
-        format!("{}_{}", self.prefix, destination.replace('.', "~"))
+    /// The durable consumer every replica shares for a destination's
+    /// due or waiting deliveries.
+    pub fn consumer(&self, queued: Queued, destination: &str) -> String {
+        format!(
+            "{}_{}_{}",
+            self.prefix,
+            queued.token(),
+            destination.replace('.', "~")
+        )
     }
 
     pub fn deliveries(&self) -> String {
@@ -76,10 +107,16 @@ impl Names {
         format!("{}_seen", self.prefix)
     }
 
-    /// A destination's subject. Names may hold `.`, which separates subject
-    /// tokens; it becomes `~`, which names may not hold.
-    pub fn deliver(&self, destination: &str) -> String {
-        format!("{}.deliver.{}", self.prefix, destination.replace('.', "~"))
+    /// A destination's subject for due or waiting deliveries. Names may
+    /// hold `.`, which separates subject tokens; it becomes `~`, which
+    /// names may not hold.
+    pub fn subject(&self, queued: Queued, destination: &str) -> String {
+        format!(
+            "{}.{}.{}",
+            self.prefix,
+            queued.token(),
+            destination.replace('.', "~")
+        )
     }
 
     /// A job id's subject in the seen stream: the id in URL-safe base64,
@@ -182,28 +219,16 @@ impl NatsQueue {
         let mut pending = Vec::new();
         let mut dead = Vec::new();
         for record in job.records {
+            let id = format!("{}/{}", job.job.job_id, record.destination);
             if record.dead_reason.is_some() {
+                let subject = self.names.dead_subject(&record.destination);
+                self.publish(subject, &id, encode(&record, &body)).await?;
                 dead.push(record);
-                continue;
+            } else {
+                let subject = self.names.subject(Queued::Due, &record.destination);
+                let sequence = self.publish(subject, &id, encode(&record, &body)).await?;
+                pending.push((sequence, record));
             }
-            let mut headers = async_nats::HeaderMap::new();
-            headers.insert(
-                "Nats-Msg-Id",
-                format!("{}/{}", job.job.job_id, record.destination).as_str(),
-            );
-            let payload = encode(&record, &body);
-            let ack = self
-                .js
-                .publish_with_headers(
-                    self.names.deliver(&record.destination),
-                    headers,
-                    payload.into(),
-                )
-                .await
-                .map_err(|e| publish(&e))?
-                .await
-                .map_err(|e| publish(&e))?;
-            pending.push((ack.sequence, record));
         }
         self.js
             .publish(seen, STORED.into())
@@ -212,6 +237,74 @@ impl NatsQueue {
             .await
             .map_err(|e| publish(&e))?;
         Ok(Accepted::New { pending, dead })
+    }
+
+    /// Publishes `payload` with message id `id` (JetStream stores it once
+    /// within the duplicate window); its stream sequence once acknowledged.
+    async fn publish(&self, subject: String, id: &str, payload: Vec<u8>) -> Result<u64, NatsError> {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", id);
+        let publish = |e: &dyn std::fmt::Display| NatsError::Publish(e.to_string());
+        let ack = self
+            .js
+            .publish_with_headers(subject, headers, payload.into())
+            .await
+            .map_err(|e| publish(&e))?
+            .await
+            .map_err(|e| publish(&e))?;
+        Ok(ack.sequence)
+    }
+
+    /// Queues `record` for its destination again, due or waiting (until
+    /// its `next_ms`), with the job's stored bytes `job`, under message id
+    /// `id`.
+    pub async fn requeue(
+        &self,
+        queued: Queued,
+        record: &Record,
+        job: &[u8],
+        id: &str,
+    ) -> Result<(), NatsError> {
+        let subject = self.names.subject(queued, &record.destination);
+        self.publish(subject, id, encode(record, job))
+            .await
+            .map(drop)
+    }
+
+    /// Whether JetStream has been taking webhooks, for readiness.
+    pub fn note_accept(&self, ok: bool) {
+        let mut failing = self.failing_since.lock().unwrap_or_else(|p| p.into_inner());
+        if ok {
+            *failing = None;
+        } else {
+            failing.get_or_insert_with(Instant::now);
+        }
+    }
+
+    /// Ready while NATS takes webhooks, and for `unavailable_after` once it
+    /// does not (a blip does not take every replica out of the Service):
+    /// the client disconnected, or accepts failing while connected (a
+    /// stream without its quorum).
+    pub fn ready(&self) -> Result<(), String> {
+        let now = Instant::now();
+        let connected = self.client.connection_state() == async_nats::connection::State::Connected;
+        let mut disconnected = self
+            .disconnected_since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if connected {
+            *disconnected = None;
+        } else {
+            disconnected.get_or_insert(now);
+        }
+        let failing = *self.failing_since.lock().unwrap_or_else(|p| p.into_inner());
+        match failing.into_iter().chain(*disconnected).min() {
+            Some(since) if now.duration_since(since) >= self.unavailable_after => Err(format!(
+                "JetStream has not been taking webhooks for {:?}",
+                now.duration_since(since)
+            )),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -256,8 +349,8 @@ async fn options(config: &NatsConfig) -> Result<async_nats::ConnectOptions, Nats
     Ok(options)
 }
 
-/// Creates, or updates to this configuration, the deliveries stream and
-/// the seen bucket.
+/// Creates, or updates to this configuration, the deliveries, dead-letter
+/// and seen streams; returns the seen stream.
 async fn setup(
     js: &jetstream::Context,
     names: &Names,
@@ -271,9 +364,12 @@ async fn setup(
         message: e.to_string(),
     };
     let deliveries = names.deliveries();
-    js.get_or_create_stream(stream::Config {
+    js.create_or_update_stream(stream::Config {
         name: deliveries.clone(),
-        subjects: vec![format!("{}.deliver.*", config.prefix)],
+        subjects: vec![
+            format!("{}.deliver.*", config.prefix),
+            format!("{}.wait.*", config.prefix),
+        ],
         retention: stream::RetentionPolicy::WorkQueue,
         storage: stream::StorageType::File,
         num_replicas: config.replicas,
@@ -284,7 +380,7 @@ async fn setup(
     .await
     .map_err(|e| failed("stream", &deliveries, &e))?;
     let dead = names.dead();
-    js.get_or_create_stream(stream::Config {
+    js.create_or_update_stream(stream::Config {
         name: dead.clone(),
         subjects: vec![format!("{}.dead.*", config.prefix)],
         storage: stream::StorageType::File,
@@ -294,7 +390,7 @@ async fn setup(
     .await
     .map_err(|e| failed("stream", &dead, &e))?;
     let seen = names.seen();
-    js.get_or_create_stream(stream::Config {
+    js.create_or_update_stream(stream::Config {
         name: seen.clone(),
         subjects: vec![format!("{}.seen.*", config.prefix)],
         max_messages_per_subject: 1,
@@ -304,57 +400,76 @@ async fn setup(
         ..Default::default()
     })
     .await
-    .map_err(|e| failed("stream", &seen, &e))
+    .map_err(|e| failed("stream", &seen, &e))?;
+    js.get_stream(&seen)
+        .await
+        .map_err(|e| failed("stream", &seen, &e))
 }
 
 impl NatsQueue {
     /// The durable pull consumer every replica shares for `destination`;
     /// JetStream lets at most `concurrency` of its messages be in flight
-    /// across all of them.
+    /// across all of them, and hands a message out again when it has not
+    /// been acknowledged within `ack_wait` (its replica died).
     pub async fn consumer(
         &self,
+        queued: Queued,
         destination: &str,
-        concurrency: usize,
+        concurrency: Option<usize>,
+        ack_wait: Duration,
     ) -> Result<jetstream::consumer::Consumer<pull::Config>, NatsError> {
         let stream = self
             .js
             .get_stream(self.names.deliveries())
             .await
             .map_err(|e| NatsError::Publish(e.to_string()))?;
-        let name = self.names.consumer(destination);
+        let name = self.names.consumer(queued, destination);
+        // Created, or updated to the destination's concurrency now.
         stream
-            .get_or_create_consumer(
-                &name,
-                pull::Config {
-                    durable_name: Some(name.clone()),
-                    filter_subject: self.names.deliver(destination),
-                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                    ack_wait: Duration::from_secs(120),
-                    max_ack_pending: i64::try_from(concurrency).unwrap_or(i64::MAX),
-                    ..Default::default()
-                },
-            )
+            .create_consumer(pull::Config {
+                durable_name: Some(name.clone()),
+                filter_subject: self.names.subject(queued, destination),
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                ack_wait,
+                // -1: no limit.
+                max_ack_pending: concurrency.map_or(-1, |c| i64::try_from(c).unwrap_or(i64::MAX)),
+                ..Default::default()
+            })
             .await
             .map_err(|e| NatsError::Publish(e.to_string()))
     }
 
-    /// Deliveries of `destination` waiting or in flight, across every
-    /// replica (from its consumer: the same number on each).
-    pub async fn depth(&self, destination: &str) -> Result<u64, NatsError> {
+    /// The destinations that have a consumer (some replica delivered to
+    /// them once), whether the rules still name them or not.
+    pub async fn consumed_destinations(&self) -> Result<Vec<String>, NatsError> {
+        let failed = |e: &dyn std::fmt::Display| NatsError::Publish(e.to_string());
         let stream = self
             .js
-            .get_stream(self.names.deliveries())
+            .get_stream_no_info(self.names.deliveries())
             .await
-            .map_err(|e| NatsError::Publish(e.to_string()))?;
-        let mut consumer: jetstream::consumer::Consumer<pull::Config> = stream
-            .get_consumer(&self.names.consumer(destination))
+            .map_err(|e| failed(&e))?;
+        let from = self.names.consumer(Queued::Due, "");
+        let names: Vec<String> = stream
+            .consumer_names()
+            .try_collect()
             .await
-            .map_err(|e| NatsError::Publish(e.to_string()))?;
-        let info = consumer
-            .info()
-            .await
-            .map_err(|e| NatsError::Publish(e.to_string()))?;
-        Ok(info.num_pending + info.num_ack_pending as u64)
+            .map_err(|e| failed(&e))?;
+        Ok(names
+            .iter()
+            .filter_map(|n| n.strip_prefix(&from))
+            .map(|d| d.replace('~', "."))
+            .collect())
+    }
+
+    /// Deliveries waiting or in flight, by destination: the messages on
+    /// each destination's subject (a work queue keeps a message until it is
+    /// acknowledged), the same number on every replica.
+    pub async fn depths(&self) -> Result<HashMap<String, u64>, NatsError> {
+        let mut depths = self.counts(self.names.deliveries(), "deliver").await?;
+        for (destination, n) in self.counts(self.names.deliveries(), "wait").await? {
+            *depths.entry(destination).or_default() += n;
+        }
+        Ok(depths)
     }
 
     /// Keeps `record` (its `dead_reason` set) with the job of `message` as
@@ -364,15 +479,143 @@ impl NatsQueue {
         message: &jetstream::Message,
         record: &Record,
     ) -> Result<(), NatsError> {
-        let job = &message.payload[4 + record_len(&message.payload).unwrap_or(0)..];
-        let payload = encode(record, job);
-        self.js
-            .publish(self.names.dead_subject(&record.destination), payload.into())
+        // Kept once, should its message come again before it is acknowledged.
+        let sequence = message.info().map_or(0, |i| i.stream_sequence);
+        let id = format!("{}/{}/dead-{sequence}", record.job_id, record.destination);
+        self.keep_dead_record(record, job_bytes(&message.payload), &id)
             .await
-            .map_err(|e| NatsError::Publish(e.to_string()))?
+    }
+
+    /// Keeps `record` (its `dead_reason` set) with the stored job `job` as
+    /// a dead letter, under message id `id`.
+    pub async fn keep_dead_record(
+        &self,
+        record: &Record,
+        job: &[u8],
+        id: &str,
+    ) -> Result<(), NatsError> {
+        let subject = self.names.dead_subject(&record.destination);
+        self.publish(subject, id, encode(record, job))
+            .await
+            .map(drop)
+    }
+
+    /// Dead letters by destination, as JetStream counts them.
+    pub async fn dead_counts(&self) -> Result<HashMap<String, u64>, NatsError> {
+        self.counts(self.names.dead(), "dead").await
+    }
+
+    /// The messages of `stream` by destination, from its subjects
+    /// `{prefix}.{kind}.{destination}`.
+    async fn counts(&self, stream: String, kind: &str) -> Result<HashMap<String, u64>, NatsError> {
+        let failed = |e: &dyn std::fmt::Display| NatsError::Publish(e.to_string());
+        let stream = self
+            .js
+            .get_stream_no_info(stream)
+            .await
+            .map_err(|e| failed(&e))?;
+        let from = format!("{}.{kind}.", self.names.prefix);
+        let mut subjects = stream
+            .info_with_subjects(format!("{from}>"))
+            .await
+            .map_err(|e| failed(&e))?;
+        let mut counts = HashMap::new();
+        while let Some((subject, n)) = subjects.try_next().await.map_err(|e| failed(&e))? {
+            if let Some(token) = subject.strip_prefix(&from) {
+                counts.insert(token.replace('~', "."), n as u64);
+            }
+        }
+        Ok(counts)
+    }
+
+    /// When the oldest delivery still queued for `destination` was
+    /// accepted (Unix ms), if any is.
+    pub async fn oldest_ms(&self, destination: &str) -> Result<Option<u64>, NatsError> {
+        let mut firsts = Vec::new();
+        for queued in [Queued::Due, Queued::Waiting] {
+            if let Some((_, first)) = self.queued(queued, destination, 0, 1).await?.first() {
+                firsts.extend(decode(first).map(|(record, _)| record.first_ms));
+            }
+        }
+        Ok(firsts.into_iter().min())
+    }
+
+    /// The deliveries stream's last sequence now.
+    pub async fn last_sequence(&self) -> Result<u64, NatsError> {
+        let stream = self
+            .js
+            .get_stream_no_info(self.names.deliveries())
             .await
             .map_err(|e| NatsError::Publish(e.to_string()))?;
-        Ok(())
+        let info = stream
+            .get_info()
+            .await
+            .map_err(|e| NatsError::Publish(e.to_string()))?;
+        Ok(info.state.last_sequence)
+    }
+
+    /// Up to `limit` deliveries of `destination`, due or waiting, from
+    /// stream sequence `from` on, oldest first: (sequence, payload).
+    pub async fn queued(
+        &self,
+        queued: Queued,
+        destination: &str,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, bytes::Bytes)>, NatsError> {
+        let failed = |e: &dyn std::fmt::Display| NatsError::Publish(e.to_string());
+        let stream = self
+            .js
+            .get_stream_no_info(self.names.deliveries())
+            .await
+            .map_err(|e| failed(&e))?;
+        let subject = self.names.subject(queued, destination);
+        let mut out = Vec::new();
+        let mut next = from;
+        while out.len() < limit {
+            match stream
+                .get_first_raw_message_by_subject(&subject, next)
+                .await
+            {
+                Ok(message) => {
+                    next = message.sequence + 1;
+                    out.push((message.sequence, message.payload));
+                }
+                Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => break,
+                Err(e) => return Err(failed(&e)),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes a queued delivery (queued again or buried in its place);
+    /// one already gone is no error.
+    pub async fn delete_delivery(&self, sequence: u64) -> Result<(), NatsError> {
+        let stream = self
+            .js
+            .get_stream_no_info(self.names.deliveries())
+            .await
+            .map_err(|e| NatsError::Publish(e.to_string()))?;
+        match stream.delete_message(sequence).await {
+            Ok(_) => Ok(()),
+            Err(e)
+                if matches!(e.kind(), stream::DeleteMessageErrorKind::JetStream(j)
+                    if j.error_code() == jetstream::ErrorCode::NO_MESSAGE_FOUND) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(NatsError::Publish(e.to_string())),
+        }
+    }
+
+    /// Deletes dead letter `sequence` (replayed or purged).
+    pub async fn delete_dead(&self, sequence: u64) -> Result<(), NatsError> {
+        self.dead_stream()
+            .await?
+            .delete_message(sequence)
+            .await
+            .map(drop)
+            .map_err(|e| NatsError::Publish(e.to_string()))
     }
 }
 
@@ -386,7 +629,7 @@ impl NatsQueue {
 
     /// Dead letters matching `filter` with sequences above `after`, oldest
     /// first, at most `limit`: sequence, record and the stored job's bytes.
-    async fn matching_dead(
+    pub async fn matching_dead(
         &self,
         filter: &DeadFilter,
         after: Option<u64>,
@@ -427,6 +670,13 @@ impl NatsQueue {
     }
 }
 
+/// The stored job's bytes in a message's payload.
+pub fn job_bytes(payload: &[u8]) -> &[u8] {
+    payload
+        .get(4 + record_len(payload).unwrap_or(0)..)
+        .unwrap_or_default()
+}
+
 fn record_len(payload: &[u8]) -> Option<usize> {
     Some(u32::from_le_bytes(payload.get(..4)?.try_into().ok()?) as usize)
 }
@@ -437,143 +687,6 @@ pub fn decode(payload: &[u8]) -> Option<(Record, StoredJob)> {
     let record = serde_json::from_slice(payload.get(4..4 + len)?).ok()?;
     let job = StoredJob::decode(payload.get(4 + len..)?)?;
     Some((record, job))
-}
-
-impl crate::queue::Queue for NatsQueue {
-    fn accept(
-        &self,
-        job: NewJob,
-    ) -> futures_util::future::BoxFuture<'_, Result<Accepted, crate::queue::QueueError>> {
-        Box::pin(async move {
-            let accepted = NatsQueue::accept(self, job).await;
-            let mut failing = self.failing_since.lock().unwrap_or_else(|p| p.into_inner());
-            match &accepted {
-                Ok(_) => *failing = None,
-                Err(_) => {
-                    failing.get_or_insert_with(Instant::now);
-                }
-            }
-            Ok(accepted?)
-        })
-    }
-
-    /// JetStream decides in `accept`, where a seen job id costs one read.
-    fn seen(&self, _job_id: &str) -> Result<bool, crate::queue::QueueError> {
-        Ok(false)
-    }
-
-    fn dead_letters(
-        &self,
-        filter: DeadFilter,
-        after: Option<u64>,
-        limit: usize,
-    ) -> BoxFuture<'_, Result<Vec<(u64, Record)>, crate::queue::QueueError>> {
-        Box::pin(async move {
-            let mut out = Vec::new();
-            for (seq, record, _) in self.matching_dead(&filter, after, limit).await? {
-                out.push((seq, record));
-            }
-            Ok(out)
-        })
-    }
-
-    /// Each matching dead letter goes back to its destination's subject
-    /// with its attempts reset (and a message id of its own, so that it is
-    /// not taken for the original), then leaves the dead-letter stream.
-    fn replay(
-        &self,
-        filter: DeadFilter,
-        reroute: bool,
-    ) -> BoxFuture<'_, Result<ReplayReport, crate::queue::QueueError>> {
-        Box::pin(async move {
-            if reroute {
-                return Err(NatsError::Publish(
-                    "reroute=true is not available with the nats backend yet".into(),
-                )
-                .into());
-            }
-            let mut report = ReplayReport::default();
-            let dead = self.dead_stream().await?;
-            for (seq, mut record, job) in self.matching_dead(&filter, None, usize::MAX).await? {
-                let now = crate::queue::embedded::unix_ms();
-                record.attempts = 0;
-                record.first_ms = now;
-                record.next_ms = now;
-                record.dead_reason = None;
-                record.dead_ms = None;
-                let mut headers = async_nats::HeaderMap::new();
-                headers.insert(
-                    "Nats-Msg-Id",
-                    format!("{}/{}/replay-{seq}", record.job_id, record.destination).as_str(),
-                );
-                let publish = |e: &dyn std::fmt::Display| NatsError::Publish(e.to_string());
-                self.js
-                    .publish_with_headers(
-                        self.names.deliver(&record.destination),
-                        headers,
-                        encode(&record, &job).into(),
-                    )
-                    .await
-                    .map_err(|e| publish(&e))?
-                    .await
-                    .map_err(|e| publish(&e))?;
-                dead.delete_message(seq).await.map_err(|e| publish(&e))?;
-                report.replayed += 1;
-            }
-            Ok(report)
-        })
-    }
-
-    fn purge(&self, filter: DeadFilter) -> BoxFuture<'_, Result<usize, crate::queue::QueueError>> {
-        Box::pin(async move {
-            let dead = self.dead_stream().await?;
-            let mut purged = 0;
-            for (seq, _, _) in self.matching_dead(&filter, None, usize::MAX).await? {
-                dead.delete_message(seq)
-                    .await
-                    .map_err(|e| NatsError::Publish(e.to_string()))?;
-                purged += 1;
-            }
-            Ok(purged)
-        })
-    }
-
-    /// Nothing is quarantined: an undecodable message is terminated, and
-    /// logged, when pulled.
-    fn quarantined(
-        &self,
-    ) -> Result<Vec<crate::queue::embedded::Quarantined>, crate::queue::QueueError> {
-        Ok(Vec::new())
-    }
-
-    /// Set every few seconds from the engine by the delivery workers.
-    fn refresh_gauges(&self) {}
-
-    /// Ready while NATS takes webhooks, and for `unavailable_after` once it
-    /// does not (a blip does not take every replica out of the Service):
-    /// the client disconnected, or accepts failing while connected (a
-    /// stream without its quorum).
-    fn ready(&self) -> Result<(), String> {
-        let now = Instant::now();
-        let connected = self.client.connection_state() == async_nats::connection::State::Connected;
-        let mut disconnected = self
-            .disconnected_since
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if connected {
-            *disconnected = None;
-        } else {
-            disconnected.get_or_insert(now);
-        }
-        let failing = *self.failing_since.lock().unwrap_or_else(|p| p.into_inner());
-        match failing.into_iter().chain(*disconnected).min() {
-            Some(since) if now.duration_since(since) >= self.unavailable_after => Err(format!(
-                "JetStream has not been taking webhooks for {:?}",
-                now.duration_since(since)
-            )),
-            _ => Ok(()),
-        }
-    }
 }
 
 /// `[u32 record length][record JSON][stored job]`, little endian.
@@ -594,8 +707,12 @@ mod tests {
     fn names() {
         let n = Names::new("hg");
         assert_eq!(n.deliveries(), "hg_deliveries");
-        assert_eq!(n.deliver("trust-safety"), "hg.deliver.trust-safety");
-        assert_eq!(n.deliver("a.b"), "hg.deliver.a~b");
+        assert_eq!(
+            n.subject(Queued::Due, "trust-safety"),
+            "hg.deliver.trust-safety"
+        );
+        assert_eq!(n.subject(Queued::Waiting, "a.b"), "hg.wait.a~b");
+        assert_eq!(n.consumer(Queued::Waiting, "a.b"), "hg_wait_a~b");
         assert_eq!(n.seen_subject("job/1 ü"), "hg.seen.am9iLzEgw7w");
     }
 }

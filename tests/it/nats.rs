@@ -54,14 +54,19 @@ impl NatsCluster {
             .iter()
             .map(|p| format!("nats-route://127.0.0.1:{p}"))
             .collect();
-        let conf = format!(
-            "server_name: n{i}\nlisten: 127.0.0.1:{}\njetstream {{ store_dir: \"{}\" }}\n\
-             cluster {{ name: hg, listen: 127.0.0.1:{}, routes: [{}] }}\n",
+        let mut conf = format!(
+            "server_name: n{i}\nlisten: 127.0.0.1:{}\njetstream {{ store_dir: \"{}\" }}\n",
             self.clients[i],
             store.display(),
-            self.routes[i],
-            routes.join(", ")
         );
+        // One server is a standalone JetStream, not a cluster of one.
+        if self.servers.len() > 1 {
+            conf += &format!(
+                "cluster {{ name: hg, listen: 127.0.0.1:{}, routes: [{}] }}\n",
+                self.routes[i],
+                routes.join(", ")
+            );
+        }
         let path = self.dir.path().join(format!("n{i}.conf"));
         std::fs::write(&path, conf).unwrap();
         let child = Command::new("nats-server")
@@ -192,8 +197,8 @@ async fn two_replicas_share_the_deliveries() {
         backoff_max: Duration::from_millis(100),
         ..Default::default()
     };
-    let stop = tokio_util::sync::CancellationToken::new();
     let mut queues = Vec::new();
+    let mut all_workers = Vec::new();
     for _ in 0..2 {
         let queue = std::sync::Arc::new(
             NatsQueue::connect(&config, 1 << 30, Duration::from_secs(3600))
@@ -201,17 +206,18 @@ async fn two_replicas_share_the_deliveries() {
                 .unwrap(),
         );
         let metrics = std::sync::Arc::new(hookgate::metrics::Metrics::new(&[]));
-        let workers = std::sync::Arc::new(hookgate::delivery::pull::Workers {
-            rules: rules_rx.clone(),
-            attempts: std::sync::Arc::new(
+        let workers = std::sync::Arc::new(hookgate::delivery::pull::Workers::new(
+            queue.clone(),
+            rules_rx.clone(),
+            std::sync::Arc::new(
                 hookgate::delivery::attempt::Attempts::new(&delivery, metrics.clone()).unwrap(),
             ),
             metrics,
-            max_age: Duration::from_secs(3600),
-            stop: stop.clone(),
-        });
-        tokio::spawn(workers.drain(queue.clone(), "archive".into()));
+            Duration::from_secs(3600),
+        ));
+        tokio::spawn(workers.clone().drain("archive".into()));
         queues.push(queue);
+        all_workers.push(workers);
     }
     for i in 0..N {
         let accepted = queues[i % 2]
@@ -231,7 +237,9 @@ async fn two_replicas_share_the_deliveries() {
     ids.sort();
     ids.dedup();
     assert_eq!(ids.len(), N, "every job, the failed one twice and no other");
-    stop.cancel();
+    for workers in all_workers {
+        workers.shutdown(Duration::ZERO).await;
+    }
 }
 
 /// Two gateway processes on one JetStream: each accepts, the same job id

@@ -314,6 +314,41 @@ fn merge(config: &mut toml::Table, extra: toml::Table) {
     }
 }
 
+/// The queue a durable gateway keeps its deliveries in. The durable
+/// tests that hold for both run on both (see [`on_both_backends`]).
+#[derive(Clone)]
+pub enum Backend {
+    /// The spool under `spool.path`.
+    Embedded,
+    /// A JetStream server of its own, on 127.0.0.1.
+    Nats(Arc<crate::nats::NatsCluster>),
+}
+
+impl Backend {
+    /// A one-server JetStream for one test.
+    pub async fn nats() -> Self {
+        Self::Nats(Arc::new(crate::nats::NatsCluster::start(1).await))
+    }
+}
+
+/// Runs each named `async fn(Backend)` as two tests, `NAME::embedded` and
+/// `NAME::nats`.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        $(mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn embedded() {
+                super::$name(crate::support::Backend::Embedded).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn nats() {
+                super::$name(crate::support::Backend::nats().await).await
+            }
+        })*
+    };
+}
+pub(crate) use on_both_backends;
+
 /// Builds a gateway config in a temporary directory.
 pub struct GatewayBuilder {
     rules: String,
@@ -331,6 +366,22 @@ impl GatewayBuilder {
             secrets: vec![("current".into(), SECRET.into(), false)],
             token: None,
         }
+    }
+
+    /// Keeps the deliveries in `backend` (which the caller keeps running).
+    pub fn on(self, backend: &Backend) -> Self {
+        if let Backend::Nats(cluster) = backend {
+            let servers: Vec<String> = cluster
+                .clients
+                .iter()
+                .map(|p| format!("\"nats://127.0.0.1:{p}\""))
+                .collect();
+            return self.config(&format!(
+                "[spool]\nbackend = \"nats\"\nnats = {{ servers = [{}] }}",
+                servers.join(", ")
+            ));
+        }
+        self
     }
 
     /// Rules forwarding everything to one destination.
