@@ -441,7 +441,7 @@ async fn kill_9_replicas_and_nats_servers_under_load() {
             servers.join(", ")
         ))
         .write();
-    let mut replicas = vec![
+    let mut replicas = [
         Some(BinaryGateway::spawn(dir.path(), &config, &[]).await),
         Some(BinaryGateway::spawn(dir.path(), &config, &[]).await),
     ];
