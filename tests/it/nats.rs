@@ -700,3 +700,98 @@ async fn a_token_from_a_file_is_used() {
     let _ = server.wait();
     assert!(matches!(accepted, Ok(Accepted::New { .. })), "{accepted:?}");
 }
+
+/// Mutual TLS and an nkey: the gateway trusts the server through
+/// `tls.ca_file`, shows its client certificate, and signs the server's
+/// nonce with the seed in `nkey_file`; a server requiring all of that takes
+/// its webhooks. Without the client certificate, the connection fails.
+#[tokio::test]
+async fn mutual_tls_and_an_nkey() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name);
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let issue = |names: Vec<String>, file: &str| {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(names)
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        std::fs::write(path(&format!("{file}.pem")), cert.pem()).unwrap();
+        std::fs::write(path(&format!("{file}-key.pem")), key.serialize_pem()).unwrap();
+    };
+    std::fs::write(path("ca.pem"), ca.pem()).unwrap();
+    issue(vec!["127.0.0.1".to_owned()], "server");
+    issue(Vec::new(), "client");
+    let user = nkeys::KeyPair::new_user();
+    std::fs::write(path("user.nk"), user.seed().unwrap()).unwrap();
+
+    let port = free_port();
+    let conf = format!(
+        "listen: 127.0.0.1:{port}\njetstream {{ store_dir: \"{}\" }}\n\
+         tls {{ cert_file: \"{}\", key_file: \"{}\", ca_file: \"{}\", verify: true }}\n\
+         authorization {{ users: [ {{ nkey: \"{}\" }} ] }}\n",
+        path("js").display(),
+        path("server.pem").display(),
+        path("server-key.pem").display(),
+        path("ca.pem").display(),
+        user.public_key()
+    );
+    std::fs::write(path("n.conf"), conf).unwrap();
+    let mut server = Command::new("nats-server")
+        .arg("-c")
+        .arg(path("n.conf"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    eventually(Duration::from_secs(10), "nats-server listening", || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+    })
+    .await;
+    let tls = hookgate::config::NatsTls {
+        ca_file: Some(path("ca.pem")),
+        client_cert_file: Some(path("client.pem")),
+        client_key_file: Some(path("client-key.pem")),
+    };
+    let config = NatsConfig {
+        servers: vec![format!("tls://127.0.0.1:{port}")],
+        nkey_file: Some(path("user.nk")),
+        tls: Some(tls.clone()),
+        prefix: "mtls".into(),
+        unavailable_after: Duration::from_secs(2),
+        ..NatsConfig::default()
+    };
+    let accepted = match NatsQueue::connect(&config, 1 << 30, Duration::from_secs(60)).await {
+        Ok(q) => q
+            .accept(new_job("mtls-1", &["a"]))
+            .await
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    let without_cert = NatsConfig {
+        tls: Some(hookgate::config::NatsTls {
+            client_cert_file: None,
+            client_key_file: None,
+            ..tls
+        }),
+        ..config.clone()
+    };
+    let refused = tokio::time::timeout(
+        Duration::from_secs(10),
+        NatsQueue::connect(&without_cert, 1 << 30, Duration::from_secs(60)),
+    )
+    .await;
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(matches!(accepted, Ok(Accepted::New { .. })), "{accepted:?}");
+    assert!(
+        !matches!(refused, Ok(Ok(_))),
+        "connected without a client certificate"
+    );
+}
