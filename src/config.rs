@@ -160,7 +160,8 @@ pub enum Backend {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct NatsConfig {
-    /// `nats://` or `tls://` URLs of the cluster's servers.
+    /// `nats://` or `tls://` URLs of the cluster's servers (default: one
+    /// on this host).
     pub servers: Vec<String>,
     pub creds_file: Option<PathBuf>,
     pub nkey_file: Option<PathBuf>,
@@ -188,7 +189,7 @@ pub struct NatsTls {
 impl Default for NatsConfig {
     fn default() -> Self {
         Self {
-            servers: Vec::new(),
+            servers: vec!["nats://127.0.0.1:4222".into()],
             creds_file: None,
             nkey_file: None,
             token_env: None,
