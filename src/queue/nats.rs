@@ -8,12 +8,10 @@
 //!   so that a retried accept stores nothing twice.
 //! - Seen job ids: the stream `{prefix}_seen`, one subject per job id
 //!   (`{prefix}.seen.{id in base64url}`, its last message kept) for
-//!   `dedupe.window`. A job is `pending` from before its deliveries are
-//!   published until they all are (`stored`): a sender that retries after
-//!   a failed accept publishes again (deduplicated by message id) instead
-//!   of being told "duplicate" for a job that was never stored. (A stream
-//!   rather than a key-value bucket: the client's bucket calls do not
-//!   understand the answers of the 2.9 servers Debian ships.)
+//!   `dedupe.window`, marked once all its deliveries are stored, read with
+//!   a direct get (any replica of the stream answers). (A stream rather
+//!   than a key-value bucket: the client's bucket calls do not understand
+//!   the answers of the 2.9 servers Debian ships.)
 
 use std::time::Duration;
 
@@ -130,8 +128,8 @@ impl Names {
     }
 }
 
-const PENDING: &[u8] = b"pending";
-const STORED: &[u8] = b"stored";
+/// A seen job id's message: its presence is what counts.
+const SEEN: &[u8] = b"stored";
 
 pub struct NatsQueue {
     client: async_nats::Client,
@@ -197,45 +195,52 @@ impl NatsQueue {
     }
 
     /// Stores a job's deliveries; returns once JetStream acknowledged each
-    /// (with 3 replicas, once a quorum has it).
+    /// (with 3 replicas, once a quorum has it). Three round trips: is the
+    /// job id seen; its deliveries (and dead letters decided at once),
+    /// published together; then the job id marked seen. An accept that
+    /// fails half way leaves the job id unmarked: the sender's retry
+    /// publishes again, and the message ids store nothing twice.
     pub async fn accept(&self, job: NewJob) -> Result<Accepted, NatsError> {
         let seen = self.names.seen_subject(&job.job.job_id);
-        let publish = |e: &dyn std::fmt::Display| NatsError::Publish(e.to_string());
-        match self.seen.get_last_raw_message_by_subject(&seen).await {
-            Ok(last) if last.payload.as_ref() == STORED => return Ok(Accepted::Duplicate),
-            // Pending: an earlier accept failed half way; this one goes on.
-            Ok(_) => {}
-            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {
-                self.js
-                    .publish(seen.clone(), PENDING.into())
-                    .await
-                    .map_err(|e| publish(&e))?
-                    .await
-                    .map_err(|e| publish(&e))?;
-            }
-            Err(e) => return Err(publish(&e)),
+        let failed = |e: &dyn std::fmt::Display| NatsError::Publish(e.to_string());
+        match self.seen.direct_get_last_for_subject(&seen).await {
+            Ok(_) => return Ok(Accepted::Duplicate),
+            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => {}
+            Err(e) => return Err(failed(&e)),
         }
         let body = job.job.encode();
+        let mut acks = Vec::with_capacity(job.records.len());
+        for record in &job.records {
+            let queued = match record.dead_reason {
+                Some(_) => self.names.dead_subject(&record.destination),
+                None => self.names.subject(Queued::Due, &record.destination),
+            };
+            let mut headers = async_nats::HeaderMap::new();
+            let id = format!("{}/{}", job.job.job_id, record.destination);
+            headers.insert("Nats-Msg-Id", id.as_str());
+            let payload = encode(record, &body);
+            acks.push(
+                self.js
+                    .publish_with_headers(queued, headers, payload.into())
+                    .await
+                    .map_err(|e| failed(&e))?,
+            );
+        }
         let mut pending = Vec::new();
         let mut dead = Vec::new();
-        for record in job.records {
-            let id = format!("{}/{}", job.job.job_id, record.destination);
-            if record.dead_reason.is_some() {
-                let subject = self.names.dead_subject(&record.destination);
-                self.publish(subject, &id, encode(&record, &body)).await?;
-                dead.push(record);
-            } else {
-                let subject = self.names.subject(Queued::Due, &record.destination);
-                let sequence = self.publish(subject, &id, encode(&record, &body)).await?;
-                pending.push((sequence, record));
+        for (record, ack) in job.records.into_iter().zip(acks) {
+            let ack = ack.await.map_err(|e| failed(&e))?;
+            match record.dead_reason {
+                Some(_) => dead.push(record),
+                None => pending.push((ack.sequence, record)),
             }
         }
         self.js
-            .publish(seen, STORED.into())
+            .publish(seen, SEEN.into())
             .await
-            .map_err(|e| publish(&e))?
+            .map_err(|e| failed(&e))?
             .await
-            .map_err(|e| publish(&e))?;
+            .map_err(|e| failed(&e))?;
         Ok(Accepted::New { pending, dead })
     }
 
@@ -395,6 +400,7 @@ async fn setup(
         subjects: vec![format!("{}.seen.*", config.prefix)],
         max_messages_per_subject: 1,
         max_age: window,
+        allow_direct: true,
         storage: stream::StorageType::File,
         num_replicas: config.replicas,
         ..Default::default()
