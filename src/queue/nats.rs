@@ -379,6 +379,8 @@ async fn setup(
         storage: stream::StorageType::File,
         num_replicas: config.replicas,
         max_bytes: i64::try_from(max_bytes).unwrap_or(i64::MAX),
+        // Full: refuse the new webhook (503), never drop an accepted one.
+        discard: stream::DiscardPolicy::New,
         duplicate_window: window.min(Duration::from_secs(3600)),
         ..Default::default()
     })

@@ -21,6 +21,7 @@ on_both_backends!(
     duplicates_are_forwarded_once_across_restarts,
     sigterm_keeps_pending_deliveries_for_the_next_start,
     a_long_queue_waits_on_disk_and_is_delivered_whole,
+    a_full_spool_refuses_with_retry_after,
 );
 
 fn durable(rules: String) -> GatewayBuilder {
@@ -352,11 +353,10 @@ async fn duplicates_are_forwarded_once_across_restarts(backend: Backend) {
 
 /// Past spool.max_bytes: 503 with Retry-After, never a 202 that is not on
 /// disk; everything that got a 202 is delivered once the downstream is up.
-#[tokio::test]
-async fn a_full_spool_refuses_with_retry_after() {
+async fn a_full_spool_refuses_with_retry_after(backend: Backend) {
     let port = free_port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let gw = durable(to(&format!("http://{addr}/")))
+    let gw = on(to(&format!("http://{addr}/")), &backend)
         .config("[spool]\nmax_bytes = \"20KiB\"")
         .start()
         .await;

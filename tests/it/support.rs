@@ -354,7 +354,9 @@ impl Backend {
         if !nats_server() {
             return None;
         }
-        Some(Self::Nats(Arc::new(crate::nats::NatsCluster::start(1).await)))
+        Some(Self::Nats(Arc::new(
+            crate::nats::NatsCluster::start(1).await,
+        )))
     }
 }
 
