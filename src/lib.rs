@@ -125,37 +125,34 @@ pub async fn run(
 
     let draining = CancellationToken::new();
     let in_flight = TaskTracker::new();
-    let forwarder = Attempts::new(&config.delivery, metrics.clone())?;
+    let attempts = Attempts::new(&config.delivery, metrics.clone())?;
     let mut nats_workers = None;
-    let (dispatch, dispatcher) = match config.delivery.mode {
+    let (onward, lanes) = match config.delivery.mode {
         Mode::Direct => (
             Onward::Direct {
-                forwarder: Box::new(forwarder),
+                attempts: Box::new(attempts),
                 deadline: config.delivery.direct_deadline,
             },
             None,
         ),
         Mode::Durable if config.spool.backend == config::Backend::Nats => {
-            let workers = start_nats(&config, forwarder, metrics.clone(), rules_rx.clone()).await?;
+            let workers = start_nats(&config, attempts, metrics.clone(), rules_rx.clone()).await?;
             nats_workers = Some(workers.clone());
             (Onward::Durable(workers), None)
         }
         Mode::Durable => {
-            let dispatcher = open_spool(&config, forwarder, metrics.clone(), rules_rx.clone())?;
-            (
-                Onward::Durable(Arc::new(dispatcher.clone())),
-                Some(dispatcher),
-            )
+            let lanes = open_spool(&config, attempts, metrics.clone(), rules_rx.clone())?;
+            (Onward::Durable(Arc::new(lanes.clone())), Some(lanes))
         }
     };
-    let dispatch_queue = match &dispatch {
+    let queue = match &onward {
         Onward::Durable(queue) => Some(queue.clone()),
         Onward::Direct { .. } => None,
     };
     let gateway = Pipeline::new(
         verifier,
         rules_rx,
-        dispatch,
+        onward,
         metrics.clone(),
         draining.clone(),
     );
@@ -197,7 +194,7 @@ pub async fn run(
     );
     let webhook_workers = match webhook_workers {
         Ok(workers) => workers,
-        Err(e) => return Err(abandon(dispatcher, e).await),
+        Err(e) => return Err(abandon(lanes, e).await),
     };
     let admin_workers = ingress::server::Workers::start(
         "hookgate-admin",
@@ -205,7 +202,7 @@ pub async fn run(
             metrics,
             draining: draining.clone(),
             reloader: reloader.clone(),
-            queue: dispatch_queue.clone(),
+            queue: queue.clone(),
             token: admin_token,
         }))],
         config.server.header_read_timeout,
@@ -213,7 +210,7 @@ pub async fn run(
     );
     let admin_workers = match admin_workers {
         Ok(workers) => workers,
-        Err(e) => return Err(abandon(dispatcher, e).await),
+        Err(e) => return Err(abandon(lanes, e).await),
     };
     let webhook_server = tokio::spawn(ingress::server::serve(
         webhook_listener,
@@ -245,10 +242,10 @@ pub async fn run(
     {
         tracing::warn!("webhooks still in flight after the grace period: their senders will retry");
     }
-    if let Some(dispatcher) = dispatcher {
+    if let Some(lanes) = lanes {
         // Deliveries not finished by then stay pending in the spool.
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        dispatcher.shutdown(left.saturating_sub(close_grace)).await;
+        lanes.shutdown(left.saturating_sub(close_grace)).await;
     }
     if let Some(workers) = nats_workers {
         // Messages not acknowledged by then are handed out again.
@@ -263,9 +260,9 @@ pub async fn run(
 
 /// A server thread could not start after the spool was opened: the
 /// delivery thread is stopped and the spool closed before giving up.
-async fn abandon(dispatcher: Option<Arc<Lanes>>, e: std::io::Error) -> Error {
-    if let Some(dispatcher) = dispatcher {
-        dispatcher.shutdown(std::time::Duration::ZERO).await;
+async fn abandon(lanes: Option<Arc<Lanes>>, e: std::io::Error) -> Error {
+    if let Some(lanes) = lanes {
+        lanes.shutdown(std::time::Duration::ZERO).await;
     }
     Error::Thread(e)
 }
@@ -300,7 +297,7 @@ async fn start_nats(
 /// Opens the spool and resumes what it holds.
 fn open_spool(
     config: &Config,
-    forwarder: Attempts,
+    attempts: Attempts,
     metrics: Arc<Metrics>,
     rules: tokio::sync::watch::Receiver<Arc<rules::RuleSet>>,
 ) -> Result<Arc<Lanes>, Error> {
@@ -349,9 +346,9 @@ fn open_spool(
         path = %config.spool.path.display(),
         "spool opened"
     );
-    let dispatcher = Lanes::new(
+    let lanes = Lanes::new(
         Arc::new(spool),
-        Arc::new(forwarder),
+        Arc::new(attempts),
         metrics,
         rules,
         delivery::lanes::Limits {
@@ -360,6 +357,6 @@ fn open_spool(
         },
     )
     .map_err(Error::Thread)?;
-    dispatcher.resume(recovered);
-    Ok(dispatcher)
+    lanes.resume(recovered);
+    Ok(lanes)
 }

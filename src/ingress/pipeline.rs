@@ -107,7 +107,7 @@ pub enum Onward {
     /// Forward inline within `deadline`; answer 200 only if every
     /// destination took it.
     Direct {
-        forwarder: Box<Attempts>,
+        attempts: Box<Attempts>,
         deadline: Duration,
     },
     /// Store durably, answer 202, deliver from the spool.
@@ -123,7 +123,7 @@ const WARN_EVERY: Duration = Duration::from_secs(10);
 pub struct Pipeline {
     verifier: watch::Receiver<Arc<Verifier>>,
     rules: watch::Receiver<Arc<RuleSet>>,
-    dispatch: Onward,
+    onward: Onward,
     metrics: Arc<Metrics>,
     draining: CancellationToken,
     /// Shared by every server worker's gateway.
@@ -134,14 +134,14 @@ impl Pipeline {
     pub fn new(
         verifier: watch::Receiver<Arc<Verifier>>,
         rules: watch::Receiver<Arc<RuleSet>>,
-        dispatch: Onward,
+        onward: Onward,
         metrics: Arc<Metrics>,
         draining: CancellationToken,
     ) -> Self {
         Self {
             verifier,
             rules,
-            dispatch,
+            onward,
             metrics,
             draining,
             warnings: Arc::new(LogThrottle::new(WARN_EVERY)),
@@ -151,12 +151,9 @@ impl Pipeline {
     /// A gateway for one more server worker thread: the same secrets,
     /// rules, spool and metrics; in direct mode a connection pool of its own.
     pub fn fork(&self) -> Self {
-        let dispatch = match &self.dispatch {
-            Onward::Direct {
-                forwarder,
-                deadline,
-            } => Onward::Direct {
-                forwarder: Box::new(forwarder.fork()),
+        let onward = match &self.onward {
+            Onward::Direct { attempts, deadline } => Onward::Direct {
+                attempts: Box::new(attempts.fork()),
                 deadline: *deadline,
             },
             Onward::Durable(queue) => Onward::Durable(queue.clone()),
@@ -164,7 +161,7 @@ impl Pipeline {
         Self {
             verifier: self.verifier.clone(),
             rules: self.rules.clone(),
-            dispatch,
+            onward,
             metrics: self.metrics.clone(),
             draining: self.draining.clone(),
             warnings: self.warnings.clone(),
@@ -216,7 +213,7 @@ impl Pipeline {
             Ok(job) => job,
             Err(e) => return self.reject(e.into()),
         };
-        if let Onward::Durable(queue) = &self.dispatch {
+        if let Onward::Durable(queue) = &self.onward {
             match queue.seen(&job.job_id) {
                 Ok(true) => return self.duplicate(&job),
                 Ok(false) => {}
@@ -231,14 +228,11 @@ impl Pipeline {
             job: &job,
             query: &query,
         });
-        match &self.dispatch {
-            Onward::Direct {
-                forwarder,
-                deadline,
-            } => {
+        match &self.onward {
+            Onward::Direct { attempts, deadline } => {
                 self.observe(&job, &decision);
                 self.forward(
-                    forwarder,
+                    attempts,
                     Instant::now() + *deadline,
                     &verified,
                     &job,
@@ -327,7 +321,7 @@ impl Pipeline {
 
     async fn forward(
         &self,
-        forwarder: &Attempts,
+        attempts: &Attempts,
         deadline: Instant,
         verified: &Verified,
         job: &Job<'_>,
@@ -345,7 +339,7 @@ impl Pipeline {
         for route in &decision.routes {
             match &route.url {
                 Ok(url) => {
-                    let policy = forwarder.policy(route.destination);
+                    let policy = attempts.policy(route.destination);
                     deliveries.push((Delivery::new(verified, &job_id, route, url.clone()), policy));
                 }
                 // Logged when routed.
@@ -353,7 +347,7 @@ impl Pipeline {
             }
         }
         let results = join_all(deliveries.iter().map(|(d, policy)| async move {
-            (d, forwarder.deliver_before(d, *policy, deadline).await)
+            (d, attempts.deliver_before(d, *policy, deadline).await)
         }))
         .await;
         for (delivery, result) in results {
