@@ -320,7 +320,7 @@ impl Workers {
     /// waiting ones become dead letters, in place of their messages.
     async fn sweep(&self, destination: &str, sweep: Sweep) -> Result<(), NatsError> {
         // Not the copies it makes itself.
-        let end = self.queue.last_sequence().await?;
+        let end = self.queue.read_state().await?;
         let kinds: &[Queued] = match sweep {
             Sweep::Requeue => &[Queued::Waiting],
             Sweep::Bury => &[Queued::Due, Queued::Waiting],
@@ -552,6 +552,8 @@ impl Workers {
             .iter()
             .map(|d| d.name.to_string())
             .collect();
+        // Also what intake compares with spool.max_bytes.
+        self.queue.read_state().await?;
         let mut dead = self.queue.dead_counts().await?;
         let depths = self.queue.depths().await?;
         names.extend(dead.keys().filter(|d| *d != UNROUTED).cloned());

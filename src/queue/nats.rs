@@ -39,6 +39,8 @@ pub enum NatsError {
     },
     #[error("JetStream did not take the webhook: {0}")]
     Publish(String),
+    #[error("the deliveries stream holds {stored} bytes, spool.max_bytes is {max}")]
+    Full { stored: u64, max: u64 },
 }
 
 /// Where a queued delivery is: due (its destination's consumer hands it
@@ -142,6 +144,10 @@ pub struct NatsQueue {
     disconnected_since: std::sync::Mutex<Option<Instant>>,
     /// How long that may last before readiness turns 503.
     unavailable_after: Duration,
+    /// `spool.max_bytes`: past it, webhooks are refused.
+    max_bytes: u64,
+    /// The deliveries stream's size, as last read (every second).
+    stored_bytes: std::sync::atomic::AtomicU64,
 }
 
 impl NatsQueue {
@@ -183,6 +189,8 @@ impl NatsQueue {
                         failing_since: std::sync::Mutex::new(None),
                         disconnected_since: std::sync::Mutex::new(None),
                         unavailable_after: config.unavailable_after,
+                        max_bytes,
+                        stored_bytes: std::sync::atomic::AtomicU64::new(0),
                     });
                 }
                 Err(e) if tokio::time::Instant::now() < deadline => {
@@ -201,6 +209,13 @@ impl NatsQueue {
     /// fails half way leaves the job id unmarked: the sender's retry
     /// publishes again, and the message ids store nothing twice.
     pub async fn accept(&self, job: NewJob) -> Result<Accepted, NatsError> {
+        let stored = self.stored_bytes.load(std::sync::atomic::Ordering::Relaxed);
+        if stored >= self.max_bytes {
+            return Err(NatsError::Full {
+                stored,
+                max: self.max_bytes,
+            });
+        }
         let seen = self.names.seen_subject(&job.job.job_id);
         let failed = |e: &dyn std::fmt::Display| NatsError::Publish(e.to_string());
         match self.seen.direct_get_last_for_subject(&seen).await {
@@ -378,8 +393,10 @@ async fn setup(
         retention: stream::RetentionPolicy::WorkQueue,
         storage: stream::StorageType::File,
         num_replicas: config.replicas,
-        max_bytes: i64::try_from(max_bytes).unwrap_or(i64::MAX),
-        // Full: refuse the new webhook (503), never drop an accepted one.
+        // Webhooks are refused at `max_bytes` (see `accept`); twice that
+        // leaves room for deliveries moving between due and waiting, and
+        // JetStream refuses (never drops) past it.
+        max_bytes: i64::try_from(max_bytes.saturating_mul(2)).unwrap_or(i64::MAX),
         discard: stream::DiscardPolicy::New,
         duplicate_window: window.min(Duration::from_secs(3600)),
         ..Default::default()
@@ -548,8 +565,9 @@ impl NatsQueue {
         Ok(firsts.into_iter().min())
     }
 
-    /// The deliveries stream's last sequence now.
-    pub async fn last_sequence(&self) -> Result<u64, NatsError> {
+    /// Reads the deliveries stream's state: notes its size (what intake
+    /// compares with `spool.max_bytes`) and returns its last sequence.
+    pub async fn read_state(&self) -> Result<u64, NatsError> {
         let stream = self
             .js
             .get_stream_no_info(self.names.deliveries())
@@ -559,6 +577,8 @@ impl NatsQueue {
             .get_info()
             .await
             .map_err(|e| NatsError::Publish(e.to_string()))?;
+        self.stored_bytes
+            .store(info.state.bytes, std::sync::atomic::Ordering::Relaxed);
         Ok(info.state.last_sequence)
     }
 

@@ -36,16 +36,11 @@ impl NatsCluster {
         for i in 0..n {
             cluster.start_node(i);
         }
-        for port in cluster.clients.clone() {
-            eventually(
-                Duration::from_secs(10),
-                "nats-server listening",
-                || async move {
-                    tokio::net::TcpStream::connect(("127.0.0.1", port))
-                        .await
-                        .is_ok()
-                },
-            )
+        for port in cluster.monitors.clone() {
+            let url = format!("http://127.0.0.1:{port}/healthz");
+            eventually(Duration::from_secs(30), "nats-server healthy", || async {
+                reqwest::get(&url).await.is_ok_and(|r| r.status() == 200)
+            })
             .await;
         }
         cluster
