@@ -814,3 +814,92 @@ async fn mutual_tls_and_an_nkey() {
         "connected without a client certificate"
     );
 }
+
+/// Two replicas on one JetStream and a destination with `concurrency = 2`
+/// that never answers: two attempts are in flight across both replicas,
+/// not two each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destinations_concurrency_holds_across_replicas() {
+    let Some(backend) = Backend::nats().await else {
+        return;
+    };
+    let hang = Downstream::start(vec![Answer::Hang; 100]).await;
+    let rules = format!(
+        "[destinations.hang]\nurl = \"{}\"\ntimeout = \"30s\"\nconcurrency = 2\n\
+         [[rules]]\nname = \"all\"\nforward = [\"hang\"]\n",
+        hang.url("/")
+    );
+    let replica = || {
+        GatewayBuilder::new(rules.clone())
+            .config("[delivery]\nmode = \"durable\"\n[shutdown]\ngrace = \"200ms\"")
+            .on(&backend)
+            .start()
+    };
+    let (a, b) = (replica().await, replica().await);
+    for i in 0..10 {
+        assert_eq!(a.post(&job(&format!("a-{i}"), &[]), "").await.status(), 202);
+        assert_eq!(b.post(&job(&format!("b-{i}"), &[]), "").await.status(), 202);
+    }
+    hang.wait_for(2, Duration::from_secs(5)).await;
+    // Both replicas pull; had each its own bound, two more would arrive.
+    b.wait_for_metric("hookgate_queue_depth", "destination=\"hang\"", 20.0)
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(hang.received().len(), 2, "attempts in flight across both");
+    a.stop().await;
+    b.stop().await;
+}
+
+/// A destination down while two replicas hold its backlog; one replica
+/// stops for good; when the destination returns, the other delivers all of
+/// it, whichever replica accepted each job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backlog_is_delivered_by_whichever_replica_is_up() {
+    let Some(backend) = Backend::nats().await else {
+        return;
+    };
+    const N: usize = 20;
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let replica = || {
+        GatewayBuilder::forward_all_to(&format!("http://{addr}/hook"))
+            .config(
+                "[delivery]\nmode = \"durable\"\nbackoff_initial = \"100ms\"\nbackoff_max = \"500ms\"\nmax_attempts = 1000",
+            )
+            .on(&backend)
+            .start()
+    };
+    let (a, b) = (replica().await, replica().await);
+    for i in 0..N {
+        let gw = if i % 2 == 0 { &a } else { &b };
+        assert_eq!(
+            gw.post(&job(&format!("j-{i}"), &[]), "").await.status(),
+            202
+        );
+    }
+    eventually(
+        Duration::from_secs(10),
+        "both replicas failing at the destination",
+        || async {
+            let failed = |m: &Metrics| {
+                m.find(
+                    "hookgate_forward_attempts_total",
+                    "destination=\"down\",outcome=\"connect_error\"",
+                )
+                .unwrap_or(0.0)
+            };
+            failed(&a.metrics().await) > 0.0 && failed(&b.metrics().await) > 0.0
+        },
+    )
+    .await;
+    a.stop().await;
+    let down = Downstream::start_on(addr, []).await;
+    let got = down.wait_for(N, Duration::from_secs(15)).await;
+    let mut ids: Vec<&str> = got
+        .iter()
+        .map(|r| r.header("x-hookgate-job-id").unwrap())
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), N, "every job, once");
+    b.stop().await;
+}
