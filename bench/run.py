@@ -29,6 +29,8 @@ ROOT = HERE.parent
 HOOKGATE = ROOT / "target" / "release" / "hookgate"
 SECRET = "bench-secret-0123456789abcdef"
 SINK_PORT, SERVER_PORT, ADMIN_PORT = 18100, 18200, 18300
+# nats-server for the durable-nats scenario: clients here, monitoring one above.
+NATS_PORT = 18400
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 CORES = os.cpu_count() or 1
 
@@ -192,8 +194,8 @@ def nginx(conf: pathlib.Path, port: int) -> Server:
     return Server(["nginx", "-c", str(conf), "-g", "daemon off;"], ready=f"http://127.0.0.1:{port}/")
 
 
-def hookgate_conf(tmp: pathlib.Path, mode: str, sink: str, verify: bool = True) -> pathlib.Path:
-    d = tmp / f"hookgate-{mode}"
+def hookgate_conf(tmp: pathlib.Path, mode: str, sink: str, verify: bool = True, nats: str | None = None) -> pathlib.Path:
+    d = tmp / f"hookgate-{mode}{'-nats' if nats else ''}"
     if d.exists():
         shutil.rmtree(d)
     d.mkdir()
@@ -216,6 +218,7 @@ mode = "{mode}"
 [spool]
 path = "{d / 'spool'}"
 max_bytes = "8GiB"
+{f'backend = "nats"{chr(10)}nats = {{ servers = ["{nats}"] }}' if nats else ""}
 [dedupe]
 # The bodies file cycles; a job id seen again a second later is not a duplicate here.
 window = "1s"
@@ -230,6 +233,39 @@ level = "warn"
 def start_hookgate(conf: pathlib.Path, binary: pathlib.Path = HOOKGATE) -> Server:
     return Server([str(binary), "serve", "--config", str(conf)], env={"BENCH_SECRET": SECRET},
                   ready=f"http://127.0.0.1:{ADMIN_PORT}/readyz")
+
+
+class Together:
+    """Servers that make one scenario: their CPU and memory count together."""
+
+    def __init__(self, *servers):
+        self.servers = servers
+
+    def pids(self) -> list[int]:
+        return [p for s in self.servers for p in s.pids()]
+
+    def stop(self) -> None:
+        for s in reversed(self.servers):
+            s.stop()
+
+
+def start_nats(tmp: pathlib.Path) -> Server:
+    """One nats-server with JetStream (file storage, R1), a fresh store."""
+    store = tmp / "nats"
+    if store.exists():
+        shutil.rmtree(store)
+    return Server(["nats-server", "-js", "-sd", str(store), "-a", "127.0.0.1", "-p", str(NATS_PORT),
+                   "-m", str(NATS_PORT + 1)], ready=f"http://127.0.0.1:{NATS_PORT + 1}/healthz")
+
+
+def start_hookgate_on_nats(tmp: pathlib.Path, sink: str) -> Together:
+    nats = start_nats(tmp)
+    try:
+        conf = hookgate_conf(tmp, "durable", sink, nats=f"nats://127.0.0.1:{NATS_PORT}")
+        return Together(nats, start_hookgate(conf))
+    except BaseException:
+        nats.stop()
+        raise
 
 
 def start_python(module: str, python: pathlib.Path, workers: int) -> Server:
@@ -297,6 +333,10 @@ def scenarios(tmp: pathlib.Path, python: pathlib.Path | None, baseline: pathlib.
         ("hookgate direct", lambda: start_hookgate(hookgate_conf(tmp, "direct", sink_url)), url),
         ("hookgate durable", lambda: start_hookgate(hookgate_conf(tmp, "durable", sink_url)), url),
     ]
+    if shutil.which("nats-server"):
+        # The queue in JetStream (one local server, R1): hookgate's and the
+        # server's CPU and memory together.
+        out.append(("hookgate durable-nats", lambda: start_hookgate_on_nats(tmp, sink_url), url))
     if baseline:
         # An earlier build, side by side with this one: before and after.
         out += [

@@ -139,8 +139,67 @@ pub struct DeliveryConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SpoolConfig {
+    /// Where accepted webhooks wait: the embedded spool, or NATS JetStream.
+    pub backend: Backend,
     pub path: PathBuf,
     pub max_bytes: ByteSize,
+    pub nats: NatsConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// redb under `spool.path`: one pod's own queue.
+    Embedded,
+    /// Streams in a NATS JetStream cluster, shared by every replica.
+    Nats,
+}
+
+/// `spool.nats`: how to reach JetStream. Credentials are named, never
+/// written here.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NatsConfig {
+    /// `nats://` or `tls://` URLs of the cluster's servers (default: one
+    /// on this host).
+    pub servers: Vec<String>,
+    pub creds_file: Option<PathBuf>,
+    pub nkey_file: Option<PathBuf>,
+    pub token_env: Option<String>,
+    pub token_file: Option<PathBuf>,
+    pub tls: Option<NatsTls>,
+    /// Names the streams, subjects and consumers, so that several
+    /// deployments can share one NATS.
+    pub prefix: String,
+    /// 1, or 3 for a stream replicated over a Raft quorum.
+    pub replicas: usize,
+    /// How long NATS may be unreachable before readiness turns 503.
+    #[serde(with = "humantime_serde")]
+    pub unavailable_after: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsTls {
+    pub ca_file: Option<PathBuf>,
+    pub client_cert_file: Option<PathBuf>,
+    pub client_key_file: Option<PathBuf>,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        Self {
+            servers: vec!["nats://127.0.0.1:4222".into()],
+            creds_file: None,
+            nkey_file: None,
+            token_env: None,
+            token_file: None,
+            tls: None,
+            prefix: "hookgate".into(),
+            replicas: 1,
+            unavailable_after: Duration::from_secs(30),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -273,8 +332,10 @@ impl Default for DeliveryConfig {
 impl Default for SpoolConfig {
     fn default() -> Self {
         Self {
+            backend: Backend::Embedded,
             path: "data/spool".into(),
             max_bytes: ByteSize(1 << 30),
+            nats: NatsConfig::default(),
         }
     }
 }
@@ -378,6 +439,37 @@ impl Config {
             (
                 !d.connect_timeout.is_zero() && !d.connection_lifetime.is_zero(),
                 "delivery.connect_timeout and delivery.connection_lifetime must be more than 0s",
+            ),
+            (
+                self.spool.backend == Backend::Embedded || !self.spool.nats.servers.is_empty(),
+                "spool.backend = \"nats\" needs spool.nats.servers",
+            ),
+            (
+                matches!(self.spool.nats.replicas, 1 | 3),
+                "spool.nats.replicas is 1 or 3",
+            ),
+            (
+                !self.spool.nats.prefix.is_empty()
+                    && self.spool.nats.prefix.len() <= 32
+                    && self
+                        .spool
+                        .nats
+                        .prefix
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-')),
+                "spool.nats.prefix is 1 to 32 of [A-Za-z0-9_-] (it names streams and subjects)",
+            ),
+            (
+                [
+                    self.spool.nats.creds_file.is_some(),
+                    self.spool.nats.nkey_file.is_some(),
+                    self.spool.nats.token_env.is_some() || self.spool.nats.token_file.is_some(),
+                ]
+                .iter()
+                .filter(|set| **set)
+                .count()
+                    <= 1,
+                "spool.nats: one of creds_file, nkey_file, or token_env / token_file",
             ),
             (
                 !d.stalled_after.is_zero(),

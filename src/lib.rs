@@ -82,6 +82,8 @@ pub enum Error {
     Client(#[from] ClientError),
     #[error(transparent)]
     Spool(#[from] OpenError),
+    #[error(transparent)]
+    Nats(#[from] queue::nats::NatsError),
     #[error("cannot use the listening socket: {0}")]
     Io(#[from] std::io::Error),
     #[error("cannot start a thread: {0}")]
@@ -123,24 +125,34 @@ pub async fn run(
 
     let draining = CancellationToken::new();
     let in_flight = TaskTracker::new();
-    let forwarder = Attempts::new(&config.delivery, metrics.clone())?;
-    let (dispatch, dispatcher) = match config.delivery.mode {
+    let attempts = Attempts::new(&config.delivery, metrics.clone())?;
+    let mut nats_workers = None;
+    let (onward, lanes) = match config.delivery.mode {
         Mode::Direct => (
             Onward::Direct {
-                forwarder: Box::new(forwarder),
+                attempts: Box::new(attempts),
                 deadline: config.delivery.direct_deadline,
             },
             None,
         ),
-        Mode::Durable => {
-            let dispatcher = open_spool(&config, forwarder, metrics.clone(), rules_rx.clone())?;
-            (Onward::Durable(dispatcher.clone()), Some(dispatcher))
+        Mode::Durable if config.spool.backend == config::Backend::Nats => {
+            let workers = start_nats(&config, attempts, metrics.clone(), rules_rx.clone()).await?;
+            nats_workers = Some(workers.clone());
+            (Onward::Durable(workers), None)
         }
+        Mode::Durable => {
+            let lanes = open_spool(&config, attempts, metrics.clone(), rules_rx.clone())?;
+            (Onward::Durable(Arc::new(lanes.clone())), Some(lanes))
+        }
+    };
+    let queue = match &onward {
+        Onward::Durable(queue) => Some(queue.clone()),
+        Onward::Direct { .. } => None,
     };
     let gateway = Pipeline::new(
         verifier,
         rules_rx,
-        dispatch,
+        onward,
         metrics.clone(),
         draining.clone(),
     );
@@ -182,7 +194,7 @@ pub async fn run(
     );
     let webhook_workers = match webhook_workers {
         Ok(workers) => workers,
-        Err(e) => return Err(abandon(dispatcher, e).await),
+        Err(e) => return Err(abandon(lanes, e).await),
     };
     let admin_workers = ingress::server::Workers::start(
         "hookgate-admin",
@@ -190,7 +202,7 @@ pub async fn run(
             metrics,
             draining: draining.clone(),
             reloader: reloader.clone(),
-            dispatcher: dispatcher.clone(),
+            queue: queue.clone(),
             token: admin_token,
         }))],
         config.server.header_read_timeout,
@@ -198,7 +210,7 @@ pub async fn run(
     );
     let admin_workers = match admin_workers {
         Ok(workers) => workers,
-        Err(e) => return Err(abandon(dispatcher, e).await),
+        Err(e) => return Err(abandon(lanes, e).await),
     };
     let webhook_server = tokio::spawn(ingress::server::serve(
         webhook_listener,
@@ -230,10 +242,15 @@ pub async fn run(
     {
         tracing::warn!("webhooks still in flight after the grace period: their senders will retry");
     }
-    if let Some(dispatcher) = dispatcher {
+    if let Some(lanes) = lanes {
         // Deliveries not finished by then stay pending in the spool.
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        dispatcher.shutdown(left.saturating_sub(close_grace)).await;
+        lanes.shutdown(left.saturating_sub(close_grace)).await;
+    }
+    if let Some(workers) = nats_workers {
+        // Messages not acknowledged by then are handed out again.
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        workers.shutdown(left.saturating_sub(close_grace)).await;
     }
     stop.cancel();
     let _ = tokio::join!(webhook_server, admin_server);
@@ -243,17 +260,44 @@ pub async fn run(
 
 /// A server thread could not start after the spool was opened: the
 /// delivery thread is stopped and the spool closed before giving up.
-async fn abandon(dispatcher: Option<Arc<Lanes>>, e: std::io::Error) -> Error {
-    if let Some(dispatcher) = dispatcher {
-        dispatcher.shutdown(std::time::Duration::ZERO).await;
+async fn abandon(lanes: Option<Arc<Lanes>>, e: std::io::Error) -> Error {
+    if let Some(lanes) = lanes {
+        lanes.shutdown(std::time::Duration::ZERO).await;
     }
     Error::Thread(e)
+}
+
+/// Connects to JetStream (creating or updating what it needs there) and
+/// starts a delivery worker for each destination of the rules, and for
+/// each one a reload adds.
+async fn start_nats(
+    config: &Config,
+    attempts: Attempts,
+    metrics: Arc<Metrics>,
+    rules: tokio::sync::watch::Receiver<Arc<rules::RuleSet>>,
+) -> Result<Arc<delivery::pull::Workers>, Error> {
+    let nats = &config.spool.nats;
+    let queue = Arc::new(
+        queue::nats::NatsQueue::connect(nats, config.spool.max_bytes.0, config.dedupe.window)
+            .await?,
+    );
+    tracing::info!(servers = ?nats.servers, prefix = %nats.prefix, replicas = nats.replicas, "JetStream streams ready");
+    let workers = Arc::new(delivery::pull::Workers::new(
+        queue.clone(),
+        rules.clone(),
+        Arc::new(attempts),
+        metrics,
+        config.delivery.max_age,
+    ));
+    tokio::spawn(workers.clone().report());
+    workers.clone().follow().await?;
+    Ok(workers)
 }
 
 /// Opens the spool and resumes what it holds.
 fn open_spool(
     config: &Config,
-    forwarder: Attempts,
+    attempts: Attempts,
     metrics: Arc<Metrics>,
     rules: tokio::sync::watch::Receiver<Arc<rules::RuleSet>>,
 ) -> Result<Arc<Lanes>, Error> {
@@ -302,9 +346,9 @@ fn open_spool(
         path = %config.spool.path.display(),
         "spool opened"
     );
-    let dispatcher = Lanes::new(
+    let lanes = Lanes::new(
         Arc::new(spool),
-        Arc::new(forwarder),
+        Arc::new(attempts),
         metrics,
         rules,
         delivery::lanes::Limits {
@@ -313,6 +357,6 @@ fn open_spool(
         },
     )
     .map_err(Error::Thread)?;
-    dispatcher.resume(recovered);
-    Ok(dispatcher)
+    lanes.resume(recovered);
+    Ok(lanes)
 }

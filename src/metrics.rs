@@ -68,6 +68,13 @@ const LATENCY_BUCKETS: &[f64] = &[
 
 /// The embedded spool's own health: a spool that cannot write refuses
 /// webhooks, and these say why before anyone reads the log.
+/// The shared queue's reachability (the nats backend), registered only
+/// there.
+pub struct QueueMetrics {
+    /// 1 while JetStream answers, else 0.
+    pub backend_up: IntGauge,
+}
+
 pub struct SpoolMetrics {
     /// `op`: `open` (reopening or moving a damaged file aside), `commit`,
     /// `read`.
@@ -108,6 +115,9 @@ pub struct Metrics {
     pub config_hash: Gauge,
     /// Durable mode only: registered by [`Metrics::register_spool`].
     pub spool: SpoolMetrics,
+    /// The nats backend only: registered by
+    /// [`Metrics::register_queue_backend`].
+    pub queue: QueueMetrics,
     categories: HashSet<String>,
     /// The rule and destination names whose series currently exist.
     tracked: Mutex<(Vec<String>, Vec<String>)>,
@@ -235,6 +245,13 @@ impl Metrics {
                 "hookgate_config_hash",
                 "A number derived from the loaded rules file: it changes when the rules in force change."
             )),
+            queue: QueueMetrics {
+                backend_up: IntGauge::new(
+                    "hookgate_queue_backend_up",
+                    "1 while NATS JetStream is reachable and takes webhooks, else 0.",
+                )
+                .unwrap_or_else(|e| unreachable!("static metric definition: {e}")),
+            },
             spool: SpoolMetrics {
                 errors: IntCounterVec::new(
                     Opts::new(
@@ -279,6 +296,14 @@ impl Metrics {
     }
 
     /// Exposes the spool's series, at their start values (durable mode).
+    /// Exposes the shared queue's series (the nats backend).
+    pub fn register_queue_backend(&self) {
+        let _ = self
+            .registry
+            .register(Box::new(self.queue.backend_up.clone()));
+        self.queue.backend_up.set(1);
+    }
+
     pub fn register_spool(&self) {
         let spool = &self.spool;
         for collector in [

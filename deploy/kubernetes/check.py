@@ -7,12 +7,17 @@
 - the PrometheusRule's groups are exactly dashboards/alerts.yml's;
 - the ConfigMap's hookgate.toml and rules.toml pass `hookgate check`;
 - the termination grace period covers the preStop sleep plus
-  shutdown.grace.
+  shutdown.grace;
+- the JetStream overlay (jetstream/, built with `kubectl kustomize` where
+  kubectl is installed; otherwise reported as skipped) validates the same
+  way, runs 3 replicas with no spool volume, and its hookgate.toml passes
+  `hookgate check` with spool.backend = "nats".
 
 Usage: check.py HOOKGATE_BINARY
 """
 
 import pathlib
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -22,8 +27,9 @@ import kubernetes_validate
 import yaml
 
 KUBERNETES = "1.33.0"
-HERE = pathlib.Path(__file__).resolve().parent
-ROOT = HERE.parent.parent
+KUBERNETES_DIR = pathlib.Path(__file__).resolve().parent
+HERE = KUBERNETES_DIR / "base"
+ROOT = KUBERNETES_DIR.parent.parent
 CRDS = {"PodMonitor", "PrometheusRule"}
 
 failures = []
@@ -65,19 +71,7 @@ def main(hookgate):
         fail("podmonitor.yaml: its selector does not select the Deployment's pods")
 
     config = docs["ConfigMap"]["data"]
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, text in config.items():
-            (pathlib.Path(tmp) / name).write_text(text)
-        out = subprocess.run(
-            [hookgate, "check", "--config", str(pathlib.Path(tmp) / "hookgate.toml")],
-            capture_output=True,
-            text=True,
-        )
-        print(out.stdout + out.stderr, end="")
-        if out.returncode != 0:
-            fail("configmap.yaml: hookgate check failed")
-        else:
-            print("ok   configmap.yaml passes hookgate check")
+    check_config(hookgate, "configmap.yaml", config)
 
     gateway = tomllib.loads(config["hookgate.toml"])
     grace = gateway["shutdown"]["grace"]
@@ -94,10 +88,65 @@ def main(hookgate):
     if any(security.get(k) != v for k, v in expected.items()) or security["capabilities"]["drop"] != ["ALL"]:
         fail("deployment.yaml: the hookgate container's securityContext is not restrictive")
 
+    check_overlay(hookgate)
+
     if failures:
         print(f"{len(failures)} problems")
         sys.exit(1)
     print("all manifests ok")
+
+
+def check_config(hookgate, what, files):
+    """`hookgate check` on a ConfigMap's files, written to a directory."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, text in files.items():
+            (pathlib.Path(tmp) / name).write_text(text)
+        out = subprocess.run(
+            [hookgate, "check", "--config", str(pathlib.Path(tmp) / "hookgate.toml")],
+            capture_output=True,
+            text=True,
+        )
+        print(out.stdout + out.stderr, end="")
+        if out.returncode != 0:
+            fail(f"{what}: hookgate check failed")
+        else:
+            print(f"ok   {what} passes hookgate check")
+
+
+def check_overlay(hookgate):
+    """The JetStream overlay, as kustomize builds it."""
+    if shutil.which("kubectl") is None:
+        print("SKIP jetstream/: kubectl (for `kubectl kustomize`) is not installed")
+        return
+    built = subprocess.run(
+        ["kubectl", "kustomize", str(KUBERNETES_DIR / "jetstream")],
+        capture_output=True,
+        text=True,
+    )
+    if built.returncode != 0:
+        fail(f"jetstream/: kubectl kustomize failed: {built.stderr}")
+        return
+    docs = {}
+    for doc in yaml.safe_load_all(built.stdout):
+        docs[doc["kind"]] = doc
+        if doc["kind"] in CRDS:
+            continue
+        try:
+            kubernetes_validate.validate(doc, KUBERNETES, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            fail(f"jetstream/: {doc['kind']}: {e.message} at {'.'.join(map(str, e.path))}")
+    deployment = docs["Deployment"]
+    pod = deployment["spec"]["template"]["spec"]
+    volumes = {v["name"] for v in pod.get("volumes", [])}
+    mounts = {m["name"] for c in pod["containers"] for m in c.get("volumeMounts", [])}
+    if deployment["spec"]["replicas"] != 3 or "spool" in volumes | mounts:
+        fail("jetstream/: not 3 replicas without a spool volume")
+    else:
+        print("ok   jetstream/: 3 replicas, no spool volume, every resource valid (strict)")
+    config = docs["ConfigMap"]["data"]
+    if tomllib.loads(config["hookgate.toml"])["spool"].get("backend") != "nats":
+        fail("jetstream/: hookgate.toml does not use the nats backend")
+    check_config(hookgate, "jetstream/ configmap", config)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ use crate::delivery::lane::{Lane, Turn, instant_of};
 use crate::delivery::origins::{Admit, CircuitEvent, Origin, Reached};
 use crate::delivery::schedule::{Next, RetryPolicy};
 use crate::metrics::{Metrics, SPOOL_OPS};
+use crate::queue::ReplayReport;
 use crate::queue::embedded::{
     Accepted, DeadFilter, HELD_PER_DESTINATION, NewJob, Record, Recovered, Replayed, Spool,
     SpoolError, StoredJob, unix_ms,
@@ -57,20 +58,8 @@ struct Prepared {
     rules: Arc<RuleSet>,
 }
 
-/// What a replay did.
-#[derive(Debug, Default, serde::Serialize)]
-pub struct ReplayReport {
-    /// Dead letters pending again for the same destination.
-    pub replayed: usize,
-    /// Dead letters whose jobs the rules in force routed again.
-    pub rerouted: usize,
-    /// Dead letters left as they were: the rules in force route their
-    /// jobs nowhere.
-    pub still_unrouted: usize,
-}
-
 /// The reason of a dead letter whose destination left the rules.
-fn removed_reason(destination: &str) -> String {
+pub(crate) fn removed_reason(destination: &str) -> String {
     format!(
         "destination_removed: {destination:?} is not in the rules in force; \
          replay once it is back, or replay with reroute=true"
@@ -674,18 +663,9 @@ impl Lanes {
             return Ok(false);
         };
         let rules = self.rules.borrow().clone();
-        let Ok(parsed) = Job::from_bytes(&stored.body) else {
+        let Some(records) = route_again(&rules, &stored, unix_ms()) else {
             return Ok(false);
         };
-        let query = Query::new(stored.query.as_deref(), parsed.callback_url.as_deref());
-        let decision = rules.decide(Input {
-            job: &parsed,
-            query: &query,
-        });
-        if decision.is_unrouted() {
-            return Ok(false);
-        }
-        let records = records_for(&decision, &parsed.job_id, unix_ms());
         let ids = dead.iter().map(|(id, _)| *id).collect();
         let (pending, buried) = self.spool.reroute(ids, job, records).await?;
         for (_, record) in &dead {
@@ -779,9 +759,66 @@ impl Lanes {
     }
 }
 
+/// The embedded backend: the lanes take what the spool stored.
+impl crate::queue::Queue for Arc<Lanes> {
+    fn accept(
+        &self,
+        job: NewJob,
+    ) -> futures_util::future::BoxFuture<'_, Result<Accepted, crate::queue::QueueError>> {
+        Box::pin(async move { Ok(Lanes::accept(self, job).await?) })
+    }
+
+    fn seen(&self, job_id: &str) -> Result<bool, crate::queue::QueueError> {
+        Ok(self.spool.seen(job_id)?)
+    }
+
+    fn dead_letters(
+        &self,
+        filter: DeadFilter,
+        after: Option<u64>,
+        limit: usize,
+    ) -> futures_util::future::BoxFuture<'_, Result<Vec<(u64, Record)>, crate::queue::QueueError>>
+    {
+        Box::pin(async move { Ok(self.spool.dead_letters(&filter, after, limit)?) })
+    }
+
+    fn replay(
+        &self,
+        filter: DeadFilter,
+        reroute: bool,
+    ) -> futures_util::future::BoxFuture<'_, Result<ReplayReport, crate::queue::QueueError>> {
+        Box::pin(async move { Ok(Lanes::replay(self, filter, reroute).await?) })
+    }
+
+    fn purge(
+        &self,
+        filter: DeadFilter,
+    ) -> futures_util::future::BoxFuture<'_, Result<usize, crate::queue::QueueError>> {
+        Box::pin(async move { Ok(Lanes::purge(self, filter).await?) })
+    }
+
+    fn quarantined(
+        &self,
+    ) -> Result<Vec<crate::queue::embedded::Quarantined>, crate::queue::QueueError> {
+        Ok(self.spool.quarantined()?)
+    }
+
+    fn refresh_gauges(&self) {
+        Lanes::refresh_gauges(self);
+    }
+
+    fn ready(&self) -> Result<(), String> {
+        if self.spool.is_healthy() {
+            Ok(())
+        } else {
+            Err("the spool is not writable".into())
+        }
+    }
+}
+
 /// Whether two versions of a destination send to the same place the same
 /// way: otherwise a reload retries its waiting deliveries at once.
-fn same_target(a: &Destination, b: &Destination) -> bool {
+pub(crate) fn same_target(a: &Destination, b: &Destination) -> bool {
     a.url.source() == b.url.source()
         && a.headers == b.headers
         && a.transport.id() == b.transport.id()
@@ -828,11 +865,26 @@ pub fn records_for(
         .collect()
 }
 
+/// The records of a stored job routed again by `rules` (a replay with
+/// reroute); `None` when they route it nowhere.
+pub(crate) fn route_again(rules: &RuleSet, stored: &StoredJob, now_ms: u64) -> Option<Vec<Record>> {
+    let parsed = Job::from_bytes(&stored.body).ok()?;
+    let query = Query::new(stored.query.as_deref(), parsed.callback_url.as_deref());
+    let decision = rules.decide(Input {
+        job: &parsed,
+        query: &query,
+    });
+    if decision.is_unrouted() {
+        return None;
+    }
+    Some(records_for(&decision, &parsed.job_id, now_ms))
+}
+
 /// The HTTP request of a stored delivery under the rules in force: the
 /// destination's URL, filled in from the job's query, its headers and
 /// those of the rule that routed the job (if it still exists). `Err` is
 /// the dead letter's reason.
-fn request(
+pub(crate) fn request(
     rules: &RuleSet,
     destination: &Destination,
     record: &Record,

@@ -7,4 +7,5 @@ pub mod client;
 pub(crate) mod lane;
 pub mod lanes;
 pub mod origins;
+pub mod pull;
 pub mod schedule;

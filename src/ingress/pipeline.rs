@@ -14,9 +14,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::delivery::attempt::{Attempts, Delivery, Outcome};
-use crate::delivery::lanes::{Lanes, records_for};
+use crate::delivery::lanes::records_for;
 use crate::metrics::Metrics;
-use crate::queue::embedded::{Accepted, NewJob, SpoolError, StoredJob, unix_ms};
+use crate::queue::embedded::{Accepted, NewJob, StoredJob, unix_ms};
+use crate::queue::{Queue, QueueError};
 use crate::rules::{Decision, Input, RuleSet, UNROUTED};
 use crate::throttle::LogThrottle;
 use crate::webhook::job::{Job, JobError};
@@ -48,7 +49,7 @@ pub enum Rejection {
     #[error("the request body is malformed: {0}")]
     BadBody(String),
     #[error("not accepted, retry later: {0}")]
-    Overloaded(#[from] SpoolError),
+    Overloaded(#[from] QueueError),
     #[error("the gateway is shutting down")]
     Draining,
 }
@@ -106,11 +107,11 @@ pub enum Onward {
     /// Forward inline within `deadline`; answer 200 only if every
     /// destination took it.
     Direct {
-        forwarder: Box<Attempts>,
+        attempts: Box<Attempts>,
         deadline: Duration,
     },
     /// Store durably, answer 202, deliver from the spool.
-    Durable(Arc<Lanes>),
+    Durable(Arc<dyn Queue>),
 }
 
 /// How often a warning that repeats (a refusal, an unsafe query value)
@@ -122,7 +123,7 @@ const WARN_EVERY: Duration = Duration::from_secs(10);
 pub struct Pipeline {
     verifier: watch::Receiver<Arc<Verifier>>,
     rules: watch::Receiver<Arc<RuleSet>>,
-    dispatch: Onward,
+    onward: Onward,
     metrics: Arc<Metrics>,
     draining: CancellationToken,
     /// Shared by every server worker's gateway.
@@ -133,14 +134,14 @@ impl Pipeline {
     pub fn new(
         verifier: watch::Receiver<Arc<Verifier>>,
         rules: watch::Receiver<Arc<RuleSet>>,
-        dispatch: Onward,
+        onward: Onward,
         metrics: Arc<Metrics>,
         draining: CancellationToken,
     ) -> Self {
         Self {
             verifier,
             rules,
-            dispatch,
+            onward,
             metrics,
             draining,
             warnings: Arc::new(LogThrottle::new(WARN_EVERY)),
@@ -150,20 +151,17 @@ impl Pipeline {
     /// A gateway for one more server worker thread: the same secrets,
     /// rules, spool and metrics; in direct mode a connection pool of its own.
     pub fn fork(&self) -> Self {
-        let dispatch = match &self.dispatch {
-            Onward::Direct {
-                forwarder,
-                deadline,
-            } => Onward::Direct {
-                forwarder: Box::new(forwarder.fork()),
+        let onward = match &self.onward {
+            Onward::Direct { attempts, deadline } => Onward::Direct {
+                attempts: Box::new(attempts.fork()),
                 deadline: *deadline,
             },
-            Onward::Durable(dispatcher) => Onward::Durable(dispatcher.clone()),
+            Onward::Durable(queue) => Onward::Durable(queue.clone()),
         };
         Self {
             verifier: self.verifier.clone(),
             rules: self.rules.clone(),
-            dispatch,
+            onward,
             metrics: self.metrics.clone(),
             draining: self.draining.clone(),
             warnings: self.warnings.clone(),
@@ -215,14 +213,13 @@ impl Pipeline {
             Ok(job) => job,
             Err(e) => return self.reject(e.into()),
         };
-        if let Onward::Durable(dispatcher) = &self.dispatch {
-            match dispatcher.spool().seen(&job.job_id) {
+        if let Onward::Durable(queue) = &self.onward {
+            match queue.seen(&job.job_id) {
                 Ok(true) => return self.duplicate(&job),
                 Ok(false) => {}
                 Err(e) => return self.reject(e.into()),
             }
         }
-        self.metrics.observe_job(&job);
         let query = Query::new(webhook.query.as_deref(), job.callback_url.as_deref());
         // One version of the rules for the whole webhook, even if a reload
         // lands while it is being delivered.
@@ -231,6 +228,29 @@ impl Pipeline {
             job: &job,
             query: &query,
         });
+        match &self.onward {
+            Onward::Direct { attempts, deadline } => {
+                self.observe(&job, &decision);
+                self.forward(
+                    attempts,
+                    Instant::now() + *deadline,
+                    &verified,
+                    &job,
+                    &decision,
+                )
+                .await
+            }
+            Onward::Durable(queue) => {
+                self.store(queue.as_ref(), &verified, &job, webhook.query, &decision)
+                    .await
+            }
+        }
+    }
+
+    /// Counts and logs a job taken for delivery: once, not again for a
+    /// duplicate or for a webhook the queue refused (its sender retries).
+    fn observe(&self, job: &Job<'_>, decision: &Decision<'_>) {
+        self.metrics.observe_job(job);
         if decision.is_unrouted() {
             self.metrics.routed.with_label_values(&[UNROUTED]).inc();
             tracing::error!(job_id = %job.job_id, "no rule matched: not forwarded (add a catch-all rule)");
@@ -254,25 +274,6 @@ impl Pipeline {
                 }
             }
         }
-        match &self.dispatch {
-            Onward::Direct {
-                forwarder,
-                deadline,
-            } => {
-                self.forward(
-                    forwarder,
-                    Instant::now() + *deadline,
-                    &verified,
-                    &job,
-                    &decision,
-                )
-                .await
-            }
-            Onward::Durable(dispatcher) => {
-                self.store(dispatcher, &verified, &job, webhook.query, &decision)
-                    .await
-            }
-        }
     }
 
     fn duplicate(&self, job: &Job<'_>) -> Reply {
@@ -286,7 +287,7 @@ impl Pipeline {
 
     async fn store(
         &self,
-        dispatcher: &Arc<Lanes>,
+        queue: &dyn Queue,
         verified: &Verified,
         job: &Job<'_>,
         query: Option<String>,
@@ -305,11 +306,14 @@ impl Pipeline {
             },
             records: records_for(decision, &job.job_id, now),
         };
-        match dispatcher.accept(new).await {
-            Ok(Accepted::New { .. }) => Reply::Done {
-                status: StatusCode::ACCEPTED,
-                job_id: job.job_id.to_string(),
-            },
+        match queue.accept(new).await {
+            Ok(Accepted::New { .. }) => {
+                self.observe(job, decision);
+                Reply::Done {
+                    status: StatusCode::ACCEPTED,
+                    job_id: job.job_id.to_string(),
+                }
+            }
             Ok(Accepted::Duplicate) => self.duplicate(job),
             Err(e) => self.reject(e.into()),
         }
@@ -317,7 +321,7 @@ impl Pipeline {
 
     async fn forward(
         &self,
-        forwarder: &Attempts,
+        attempts: &Attempts,
         deadline: Instant,
         verified: &Verified,
         job: &Job<'_>,
@@ -335,7 +339,7 @@ impl Pipeline {
         for route in &decision.routes {
             match &route.url {
                 Ok(url) => {
-                    let policy = forwarder.policy(route.destination);
+                    let policy = attempts.policy(route.destination);
                     deliveries.push((Delivery::new(verified, &job_id, route, url.clone()), policy));
                 }
                 // Logged when routed.
@@ -343,7 +347,7 @@ impl Pipeline {
             }
         }
         let results = join_all(deliveries.iter().map(|(d, policy)| async move {
-            (d, forwarder.deliver_before(d, *policy, deadline).await)
+            (d, attempts.deliver_before(d, *policy, deadline).await)
         }))
         .await;
         for (delivery, result) in results {

@@ -9,17 +9,17 @@ use tokio_util::sync::CancellationToken;
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
-use crate::delivery::lanes::Lanes;
 use crate::metrics::Metrics;
 use crate::ops::reload::{Reloaded, Reloader};
+use crate::queue::Queue;
 use crate::queue::embedded::DeadFilter;
 
 pub struct AdminState {
     pub metrics: Arc<Metrics>,
     pub draining: CancellationToken,
     pub reloader: Arc<Reloader>,
-    /// Durable mode only: the spool's dead letters.
-    pub dispatcher: Option<Arc<Lanes>>,
+    /// Durable mode: the queue, for readiness, gauges and dead letters.
+    pub queue: Option<Arc<dyn Queue>>,
     /// The bearer token for POSTs; with none configured they are refused.
     pub token: Option<String>,
 }
@@ -76,8 +76,8 @@ pub fn routes(
         .and(warp::get())
         .and(with_state.clone())
         .map(|state: Arc<AdminState>| {
-            if let Some(d) = &state.dispatcher {
-                d.refresh_gauges();
+            if let Some(q) = &state.queue {
+                q.refresh_gauges();
             }
             let mut response = Response::new(state.metrics.encode().into());
             response.headers_mut().insert(
@@ -94,18 +94,14 @@ pub fn routes(
         .and(with_state.clone())
         .map(|state: Arc<AdminState>| {
             if state.draining.is_cancelled() {
-                text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
-            } else if state
-                .dispatcher
-                .as_ref()
-                .is_some_and(|d| !d.spool().is_healthy())
-            {
-                text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "the spool is not writable\n",
-                )
-            } else {
-                text(StatusCode::OK, "ready\n")
+                return text(StatusCode::SERVICE_UNAVAILABLE, "draining\n");
+            }
+            match state.queue.as_ref().map(|q| q.ready()) {
+                Some(Err(why)) => {
+                    warp::reply::with_status(format!("{why}\n"), StatusCode::SERVICE_UNAVAILABLE)
+                        .into_response()
+                }
+                _ => text(StatusCode::OK, "ready\n"),
             }
         });
     let authorization = warp::header::value("authorization")
@@ -139,14 +135,14 @@ pub fn routes(
         });
     // The dead-letter calls also need the spool (durable mode).
     let spooled = authorized.map(|authorized: Authorized| {
-        authorized.and_then(|state| state.dispatcher.clone().ok_or_else(|| Box::new(no_spool())))
+        authorized.and_then(|state| state.queue.clone().ok_or_else(|| Box::new(no_spool())))
     });
     let dead_letters = warp::path!("admin" / "dead-letters");
     let list = dead_letters
         .and(warp::get())
         .and(spooled.clone())
         .and(warp::query::<ListQuery>())
-        .map(|spooled: Spooled, q: ListQuery| {
+        .then(|spooled: Spooled, q: ListQuery| async move {
             let d = match spooled {
                 Ok(d) => d,
                 Err(refused) => return *refused,
@@ -156,7 +152,7 @@ pub fn routes(
                 job_id: q.job_id,
             };
             let limit = q.limit.unwrap_or(100).clamp(1, 1000);
-            match d.spool().dead_letters(&filter, q.after, limit) {
+            match d.dead_letters(filter, q.after, limit).await {
                 Ok(page) => {
                     let next_after = page
                         .last()
@@ -219,7 +215,7 @@ pub fn routes(
                 Ok(d) => d,
                 Err(refused) => return *refused,
             };
-            match d.spool().quarantined() {
+            match d.quarantined() {
                 Ok(records) => json_reply(StatusCode::OK, &json!({ "quarantined": records })),
                 Err(e) => json_reply(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -268,7 +264,7 @@ pub fn routes(
 type Authorized = Result<Arc<AdminState>, Box<Response>>;
 
 /// As [`Authorized`], for a call that also needs the spool.
-type Spooled = Result<Arc<Lanes>, Box<Response>>;
+type Spooled = Result<Arc<dyn Queue>, Box<Response>>;
 
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]

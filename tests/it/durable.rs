@@ -13,8 +13,25 @@ use crate::support::*;
 
 const TOKEN: &str = "durable-admin-token-42";
 
+on_both_backends!(
+    retry_after_is_a_floor,
+    refused_jobs_become_dead_letters_and_replay,
+    unrouted_jobs_wait_for_better_rules_and_purge_is_explicit,
+    a_hanging_destination_does_not_delay_another,
+    duplicates_are_forwarded_once_across_restarts,
+    sigterm_keeps_pending_deliveries_for_the_next_start,
+    a_long_queue_waits_on_disk_and_is_delivered_whole,
+    a_full_spool_refuses_with_retry_after,
+);
+
 fn durable(rules: String) -> GatewayBuilder {
+    on(rules, &Backend::Embedded)
+}
+
+/// A durable gateway keeping its deliveries in `backend`.
+fn on(rules: String, backend: &Backend) -> GatewayBuilder {
     GatewayBuilder::new(rules)
+        .on(backend)
         .config("[delivery]\nmode = \"durable\"\nbackoff_initial = \"50ms\"\nbackoff_max = \"200ms\"\nmax_attempts = 1000")
         .admin_token(TOKEN)
 }
@@ -113,10 +130,9 @@ async fn kill_9_loses_no_accepted_webhook() {
 }
 
 /// 503 with Retry-After: 2, then 200: delivered, never earlier than asked.
-#[tokio::test]
-async fn retry_after_is_a_floor() {
+async fn retry_after_is_a_floor(backend: Backend) {
     let down = Downstream::start([Answer::StatusWith(503, "retry-after", "2")]).await;
-    let gw = durable(to(&down.url("/")))
+    let gw = on(to(&down.url("/")), &backend)
         .config("[delivery]\nbackoff_max = \"10s\"")
         .start()
         .await;
@@ -134,21 +150,16 @@ async fn retry_after_is_a_floor() {
         ) == 1.0
     })
     .await;
-    assert_eq!(
-        gw.metrics()
-            .await
-            .get("hookgate_queue_depth", "destination=\"down\""),
-        0.0
-    );
+    gw.wait_for_metric("hookgate_queue_depth", "destination=\"down\"", 0.0)
+        .await;
     gw.stop().await;
 }
 
 /// A 400 is final: a dead letter after one attempt, listed with its
 /// reason; replay (with the token) after the fix delivers it.
-#[tokio::test]
-async fn refused_jobs_become_dead_letters_and_replay() {
+async fn refused_jobs_become_dead_letters_and_replay(backend: Backend) {
     let down = Downstream::start([Answer::Status(400)]).await;
-    let gw = durable(to(&down.url("/"))).start().await;
+    let gw = on(to(&down.url("/")), &backend).start().await;
     assert_eq!(gw.post(&job("dl", &[]), "").await.status(), 202);
     eventually(Duration::from_secs(5), "the dead letter gauge", || async {
         gw.metrics()
@@ -205,25 +216,20 @@ async fn refused_jobs_become_dead_letters_and_replay() {
     let got = down.wait_for(2, Duration::from_secs(5)).await;
     assert_eq!(got[1].header("x-hookgate-job-id"), Some("dl"));
     assert_eq!(got[1].body, job("dl", &[]));
-    assert_eq!(
-        gw.metrics()
-            .await
-            .get("hookgate_dead_letters", "destination=\"down\""),
-        0.0
-    );
+    gw.wait_for_metric("hookgate_dead_letters", "destination=\"down\"", 0.0)
+        .await;
     gw.stop().await;
 }
 
 /// Purge needs a filter (or all=true); unrouted jobs are dead letters
 /// that a replay re-routes once the rules cover them.
-#[tokio::test]
-async fn unrouted_jobs_wait_for_better_rules_and_purge_is_explicit() {
+async fn unrouted_jobs_wait_for_better_rules_and_purge_is_explicit(backend: Backend) {
     let down = Downstream::start([]).await;
     let only_high = format!(
         "[destinations.down]\nurl = \"{}\"\n[[rules]]\nname = \"high\"\nmatch = {{ min_risk = \"HIGH\" }}\nforward = [\"down\"]\n",
         down.url("/")
     );
-    let gw = durable(only_high).start().await;
+    let gw = on(only_high, &backend).start().await;
     assert_eq!(
         gw.post(&job("low", &[("HATE_SPEECH", "LOW")]), "")
             .await
@@ -236,10 +242,8 @@ async fn unrouted_jobs_wait_for_better_rules_and_purge_is_explicit() {
         m.get("hookgate_jobs_routed_total", "rule=\"unrouted\""),
         2.0
     );
-    assert_eq!(
-        m.get("hookgate_dead_letters", "destination=\"unrouted\""),
-        2.0
-    );
+    gw.wait_for_metric("hookgate_dead_letters", "destination=\"unrouted\"", 2.0)
+        .await;
     let (status, _) = gw.admin(Method::DELETE, "/admin/dead-letters", TOKEN).await;
     assert_eq!(status, 400, "purging everything needs all=true");
     let (_, purged) = gw
@@ -260,18 +264,13 @@ async fn unrouted_jobs_wait_for_better_rules_and_purge_is_explicit() {
     let got = down.wait_for(1, Duration::from_secs(5)).await;
     assert_eq!(got[0].header("x-hookgate-job-id"), Some("low"));
     assert_eq!(got[0].header("x-hookgate-rule"), Some("all"));
-    assert_eq!(
-        gw.metrics()
-            .await
-            .get("hookgate_dead_letters", "destination=\"unrouted\""),
-        0.0
-    );
+    gw.wait_for_metric("hookgate_dead_letters", "destination=\"unrouted\"", 0.0)
+        .await;
     gw.stop().await;
 }
 
 /// One hanging destination does not delay deliveries to another.
-#[tokio::test]
-async fn a_hanging_destination_does_not_delay_another() {
+async fn a_hanging_destination_does_not_delay_another(backend: Backend) {
     let hang = Downstream::start(vec![Answer::Hang; 100]).await;
     let fast = Downstream::start([]).await;
     let rules = format!(
@@ -289,7 +288,7 @@ forward = ["hang", "fast"]
         hang.url("/"),
         fast.url("/")
     );
-    let gw = durable(rules)
+    let gw = on(rules, &backend)
         .config("[shutdown]\ngrace = \"500ms\"")
         .start()
         .await;
@@ -322,10 +321,9 @@ forward = ["hang", "fast"]
 }
 
 /// The same job_id twice, and again after a restart: forwarded once.
-#[tokio::test]
-async fn duplicates_are_forwarded_once_across_restarts() {
+async fn duplicates_are_forwarded_once_across_restarts(backend: Backend) {
     let down = Downstream::start([]).await;
-    let gw = durable(to(&down.url("/"))).start().await;
+    let gw = on(to(&down.url("/")), &backend).start().await;
     let body = job("dup-1", &[("ARMS_AMMO", "HIGH")]);
     assert_eq!(gw.post(&body, "").await.status(), 202);
     down.wait_for(1, Duration::from_secs(5)).await;
@@ -355,11 +353,10 @@ async fn duplicates_are_forwarded_once_across_restarts() {
 
 /// Past spool.max_bytes: 503 with Retry-After, never a 202 that is not on
 /// disk; everything that got a 202 is delivered once the downstream is up.
-#[tokio::test]
-async fn a_full_spool_refuses_with_retry_after() {
+async fn a_full_spool_refuses_with_retry_after(backend: Backend) {
     let port = free_port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let gw = durable(to(&format!("http://{addr}/")))
+    let gw = on(to(&format!("http://{addr}/")), &backend)
         .config("[spool]\nmax_bytes = \"20KiB\"")
         .start()
         .await;
@@ -429,11 +426,10 @@ async fn a_damaged_spool_is_moved_aside() {
 
 /// SIGTERM with deliveries pending: exit 0 at once, and they are delivered
 /// after the next start.
-#[tokio::test]
-async fn sigterm_keeps_pending_deliveries_for_the_next_start() {
+async fn sigterm_keeps_pending_deliveries_for_the_next_start(backend: Backend) {
     let port = free_port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let (dir, path) = durable(to(&format!("http://{addr}/"))).write();
+    let (dir, path) = on(to(&format!("http://{addr}/")), &backend).write();
     let gw = BinaryGateway::spawn(dir.path(), &path, &[]).await;
     for i in 0..20 {
         assert_eq!(gw.post(&job(&format!("t{i}"), &[])).await.status(), 202);
@@ -455,11 +451,10 @@ async fn sigterm_keeps_pending_deliveries_for_the_next_start() {
 /// A queue longer than a lane holds in memory (4,096 deliveries) waits on
 /// disk, survives a restart, and is delivered whole once the destination
 /// is back: each job once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_long_queue_waits_on_disk_and_is_delivered_whole() {
+async fn a_long_queue_waits_on_disk_and_is_delivered_whole(backend: Backend) {
     const N: usize = 5_000;
     let down_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let gw = durable(to(&format!("http://{down_addr}/hook")))
+    let gw = on(to(&format!("http://{down_addr}/hook")), &backend)
         .start()
         .await;
     let client = reqwest::Client::new();
@@ -485,10 +480,12 @@ async fn a_long_queue_waits_on_disk_and_is_delivered_whole() {
         s.await.unwrap();
     }
     let depth = |m: &Metrics| m.get("hookgate_queue_depth", "destination=\"down\"");
-    assert_eq!(depth(&gw.metrics().await), N as f64);
+    gw.wait_for_metric("hookgate_queue_depth", "destination=\"down\"", N as f64)
+        .await;
 
     let gw = gw.restart().await;
-    assert_eq!(depth(&gw.metrics().await), N as f64, "after a restart");
+    gw.wait_for_metric("hookgate_queue_depth", "destination=\"down\"", N as f64)
+        .await;
 
     let down = Downstream::start_on(down_addr, []).await;
     let got = down.wait_for(N, Duration::from_secs(60)).await;

@@ -12,10 +12,24 @@ use crate::support::*;
 
 const TOKEN: &str = "follow-admin-token-7";
 
+on_both_backends!(
+    a_wrong_port_fixed_by_reload_delivers_the_backlog,
+    a_dead_letter_replays_to_the_fixed_path,
+    a_removed_destination_dead_letters_its_backlog_and_replays_once_back,
+    replay_with_reroute_sends_dead_letters_where_the_rules_now_say,
+    one_tenants_outage_never_delays_another,
+);
+
 /// Durable, with retries quick enough for a test unless `delivery`
 /// overrides them.
 fn durable(rules: String, delivery: &str) -> GatewayBuilder {
+    on(rules, delivery, &Backend::Embedded)
+}
+
+/// [`durable`], keeping the deliveries in `backend`.
+fn on(rules: String, delivery: &str, backend: &Backend) -> GatewayBuilder {
     GatewayBuilder::new(rules)
+        .on(backend)
         .config("[delivery]\nmode = \"durable\"\nbackoff_initial = \"100ms\"\nbackoff_max = \"1s\"\nmax_attempts = 1000")
         .config(&format!("[delivery]\n{delivery}"))
         .admin_token(TOKEN)
@@ -90,12 +104,13 @@ fn closed_port_url(path: &str) -> String {
 /// (a) A destination with a wrong port: the backlog waits; once the URL
 /// is fixed by a live reload, it arrives at the new URL, without a restart
 /// and within `backoff_max` and a few seconds.
-#[tokio::test]
-async fn a_wrong_port_fixed_by_reload_delivers_the_backlog() {
+async fn a_wrong_port_fixed_by_reload_delivers_the_backlog(backend: Backend) {
     const N: usize = 20;
     let down = Downstream::start([]).await;
     let wrong = closed_port_url("/results");
-    let gw = durable(rules(&[("archive", &wrong)]), "").start().await;
+    let gw = on(rules(&[("archive", &wrong)]), "", &backend)
+        .start()
+        .await;
     for i in 0..N {
         assert_eq!(
             gw.post(&job(&format!("a-{i}"), &[]), "").await.status(),
@@ -136,11 +151,10 @@ async fn a_wrong_port_fixed_by_reload_delivers_the_backlog() {
 
 /// (b) A dead letter from a 404 on a wrong path: fix the path, replay, and
 /// it goes to the new path, with the destination's new headers.
-#[tokio::test]
-async fn a_dead_letter_replays_to_the_fixed_path() {
+async fn a_dead_letter_replays_to_the_fixed_path(backend: Backend) {
     let down = Downstream::start([]).await;
     down.answer_path("/wrong", Answer::Status(404));
-    let gw = durable(rules(&[("archive", &down.url("/wrong"))]), "")
+    let gw = on(rules(&[("archive", &down.url("/wrong"))]), "", &backend)
         .start()
         .await;
     assert_eq!(gw.post(&job("b-1", &[]), "").await.status(), 202);
@@ -172,15 +186,15 @@ async fn a_dead_letter_replays_to_the_fixed_path() {
 /// (c) A destination removed from the rules: its pending deliveries become
 /// `destination_removed` dead letters at once (not at their next retry),
 /// the other destination is untouched; added back, a replay delivers them.
-#[tokio::test]
-async fn a_removed_destination_dead_letters_its_backlog_and_replays_once_back() {
+async fn a_removed_destination_dead_letters_its_backlog_and_replays_once_back(backend: Backend) {
     const N: usize = 3;
     let keep = Downstream::start([]).await;
     let gone_url = closed_port_url("/");
     // Retries far apart: only the removal can make them dead letters soon.
-    let gw = durable(
+    let gw = on(
         rules(&[("keep", &keep.url("/")), ("gone", &gone_url)]),
         "backoff_initial = \"1h\"\nbackoff_max = \"1h\"",
+        &backend,
     )
     .start()
     .await;
@@ -235,11 +249,10 @@ async fn a_removed_destination_dead_letters_its_backlog_and_replays_once_back() 
 
 /// `replay?reroute=true` routes a dead letter's job again through the rules
 /// in force, whatever destination it died at: here one renamed.
-#[tokio::test]
-async fn replay_with_reroute_sends_dead_letters_where_the_rules_now_say() {
+async fn replay_with_reroute_sends_dead_letters_where_the_rules_now_say(backend: Backend) {
     let down = Downstream::start([]).await;
     down.answer_path("/old", Answer::Status(410));
-    let gw = durable(rules(&[("old", &down.url("/old"))]), "")
+    let gw = on(rules(&[("old", &down.url("/old"))]), "", &backend)
         .start()
         .await;
     assert_eq!(gw.post(&job("r-1", &[]), "").await.status(), 202);
@@ -272,18 +285,19 @@ struct Tenants {
 }
 
 impl Tenants {
-    async fn start() -> Self {
+    async fn start(backend: &Backend) -> Self {
         let port = free_port();
-        let on = |host: &str| -> SocketAddr { format!("{host}:{port}").parse().unwrap() };
-        let good = Downstream::start_on(on("127.0.0.1"), []).await;
-        let bad = Downstream::start_on(on("127.0.0.2"), []).await;
+        let at = |host: &str| -> SocketAddr { format!("{host}:{port}").parse().unwrap() };
+        let good = Downstream::start_on(at("127.0.0.1"), []).await;
+        let bad = Downstream::start_on(at("127.0.0.2"), []).await;
         let url = format!("http://127.0.0.{{query.host}}:{port}/results");
-        let gw = durable(
+        let gw = on(
             format!(
                 "[destinations.tenants]\nurl = \"{url}\"\nconcurrency = 4\n\
                  [[rules]]\nname = \"all\"\nforward = [\"tenants\"]\n"
             ),
             "",
+            backend,
         )
         .start()
         .await;
@@ -310,10 +324,9 @@ impl Tenants {
 /// (d) One tenant's host answering 500 opens only its own origin's circuit:
 /// the other tenant's deliveries take no longer than with no failing
 /// tenant. Both are measured here, one after the other.
-#[tokio::test]
-async fn one_tenants_outage_never_delays_another() {
+async fn one_tenants_outage_never_delays_another(backend: Backend) {
     const N: usize = 10;
-    let t = Tenants::start().await;
+    let t = Tenants::start(&backend).await;
     // Warm up, then the baseline with no failing tenant.
     t.good_burst("warm", N).await;
     let alone = t.good_burst("alone", N).await;
@@ -332,7 +345,17 @@ async fn one_tenants_outage_never_delays_another() {
         m.get("hookgate_circuit_open", "destination=\"tenants\""),
         1.0
     );
-    assert!(m.get("hookgate_queue_depth", "destination=\"tenants\"") >= 30.0);
+    eventually(
+        Duration::from_secs(5),
+        "the failing tenant's 30 queued",
+        || async {
+            t.gw.metrics()
+                .await
+                .get("hookgate_queue_depth", "destination=\"tenants\"")
+                >= 30.0
+        },
+    )
+    .await;
     eprintln!("{N} deliveries: {alone:?} alone, {beside:?} beside a failing tenant");
     assert!(
         beside <= alone * 2 + Duration::from_millis(300),

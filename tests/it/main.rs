@@ -8,6 +8,7 @@ mod faults;
 mod follow;
 mod hardening;
 mod ingress;
+mod nats;
 mod observability;
 mod properties;
 mod protocol;

@@ -7,11 +7,13 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::support::*;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_drains_in_order_and_loses_nothing() {
+on_both_backends!(sigterm_drains_in_order_and_loses_nothing);
+
+async fn sigterm_drains_in_order_and_loses_nothing(backend: Backend) {
     let down = Downstream::start(vec![Answer::Delay(Duration::from_millis(1500), 200); 4]).await;
     let (dir, path) = GatewayBuilder::forward_all_to(&down.url("/"))
         .config("[delivery]\nmode = \"durable\"\n[shutdown]\ngrace = \"5s\"")
+        .on(&backend)
         .write();
     let gw = BinaryGateway::spawn(dir.path(), &path, &[]).await;
     // A delivery in flight (the downstream takes 1.5 s) ...

@@ -314,6 +314,72 @@ fn merge(config: &mut toml::Table, extra: toml::Table) {
     }
 }
 
+/// A program from a Debian package the tests run for real. CI installs it
+/// (.ci/run) and requires it; elsewhere the test says it is skipped.
+pub fn tool(name: &str, package: &str) -> Option<PathBuf> {
+    let found = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file());
+    if found.is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{name} is required in CI: apt-get install {package}"
+        );
+        eprintln!("SKIPPED: {name} not found (apt-get install {package})");
+    }
+    found
+}
+
+/// Whether `nats-server` is installed (see [`tool`]).
+pub fn nats_server() -> bool {
+    tool("nats-server", "nats-server").is_some()
+}
+
+/// The queue a durable gateway keeps its deliveries in. The durable
+/// tests that hold for both run on both (see [`on_both_backends`]).
+#[derive(Clone)]
+pub enum Backend {
+    /// The spool under `spool.path`.
+    Embedded,
+    /// A JetStream server of its own, on 127.0.0.1.
+    Nats(Arc<crate::nats::NatsCluster>),
+}
+
+impl Backend {
+    /// A one-server JetStream for one test; `None` (skipped) where
+    /// nats-server is not installed.
+    pub async fn nats() -> Option<Self> {
+        if !nats_server() {
+            return None;
+        }
+        Some(Self::Nats(Arc::new(
+            crate::nats::NatsCluster::start(1).await,
+        )))
+    }
+}
+
+/// Runs each named `async fn(Backend)` as two tests, `NAME::embedded` and
+/// `NAME::nats`.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        $(mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn embedded() {
+                super::$name(crate::support::Backend::Embedded).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn nats() {
+                if let Some(backend) = crate::support::Backend::nats().await {
+                    super::$name(backend).await
+                }
+            }
+        })*
+    };
+}
+pub(crate) use on_both_backends;
+
 /// Builds a gateway config in a temporary directory.
 pub struct GatewayBuilder {
     rules: String,
@@ -331,6 +397,22 @@ impl GatewayBuilder {
             secrets: vec![("current".into(), SECRET.into(), false)],
             token: None,
         }
+    }
+
+    /// Keeps the deliveries in `backend` (which the caller keeps running).
+    pub fn on(self, backend: &Backend) -> Self {
+        if let Backend::Nats(cluster) = backend {
+            let servers: Vec<String> = cluster
+                .clients
+                .iter()
+                .map(|p| format!("\"nats://127.0.0.1:{p}\""))
+                .collect();
+            return self.config(&format!(
+                "[spool]\nbackend = \"nats\"\nnats = {{ servers = [{}] }}",
+                servers.join(", ")
+            ));
+        }
+        self
     }
 
     /// Rules forwarding everything to one destination.

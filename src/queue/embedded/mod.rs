@@ -101,7 +101,7 @@ pub struct StoredJob {
 impl StoredJob {
     /// `[u16 id][id][u16 sig][sig][u32 query][query][u64 ms][body]`, little
     /// endian: the body stays a plain byte slice at the end.
-    fn encode(&self) -> Vec<u8> {
+    pub(crate) fn encode(&self) -> Vec<u8> {
         let sig = self.signature.as_deref().unwrap_or_default();
         let query = self.query.as_deref().unwrap_or_default();
         let mut out =
@@ -122,7 +122,7 @@ impl StoredJob {
         out
     }
 
-    fn decode(raw: &[u8]) -> Option<Self> {
+    pub(crate) fn decode(raw: &[u8]) -> Option<Self> {
         let mut at = 0;
         let mut take = |n: usize| {
             let part = raw.get(at..at + n)?;
@@ -178,7 +178,7 @@ pub struct DeadFilter {
 }
 
 impl DeadFilter {
-    fn matches(&self, r: &Record) -> bool {
+    pub fn matches(&self, r: &Record) -> bool {
         self.destination
             .as_ref()
             .is_none_or(|d| *d == r.destination)
