@@ -36,13 +36,18 @@ impl NatsCluster {
         for i in 0..n {
             cluster.start_node(i);
         }
+        // A cluster elects its JetStream meta leader first: seconds alone,
+        // longer beside the rest of the suite on two cores.
+        let mut took = Duration::ZERO;
         for port in cluster.monitors.clone() {
             let url = format!("http://127.0.0.1:{port}/healthz");
-            eventually(Duration::from_secs(30), "nats-server healthy", || async {
+            took += eventually(Duration::from_secs(90), "nats-server healthy", || async {
+                cluster.check_running();
                 reqwest::get(&url).await.is_ok_and(|r| r.status() == 200)
             })
             .await;
         }
+        eprintln!("{n} nats-server(s) healthy after {took:?}");
         cluster
     }
 
@@ -77,6 +82,23 @@ impl NatsCluster {
             .spawn()
             .expect("nats-server is installed (apt-get install nats-server)");
         self.servers[i] = Some(child);
+    }
+
+    /// Panics with its log if a server that should run has exited (a
+    /// port it could not bind, a bad configuration).
+    fn check_running(&self) {
+        for (i, child) in self.servers.iter().enumerate() {
+            let Some(child) = child else { continue };
+            let pid = child.id();
+            let exited = !std::path::Path::new(&format!("/proc/{pid}/status")).exists()
+                || std::fs::read_to_string(format!("/proc/{pid}/status"))
+                    .is_ok_and(|s| s.contains("State:\tZ"));
+            if exited {
+                let log = std::fs::read_to_string(self.dir.path().join(format!("n{i}.log")))
+                    .unwrap_or_default();
+                panic!("nats-server n{i} exited:\n{log}");
+            }
+        }
     }
 
     /// Kills server `i` (SIGKILL); its store stays.

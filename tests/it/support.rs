@@ -697,12 +697,23 @@ pub async fn post_signed(client: &reqwest::Client, url: &str, body: Vec<u8>) -> 
         .unwrap()
 }
 
+/// A port to listen on later. Taken below the kernel's ephemeral range
+/// (32768 and up), so that no outgoing connection of the suite takes it in
+/// the meantime, and handed out once per test process, from an offset of
+/// its own so that two test processes rarely meet.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let offset = std::process::id() * 97 % SPAN;
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (FIRST + (offset + n) % SPAN) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// The real `hookgate serve` process, on free loopback ports.
