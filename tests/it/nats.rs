@@ -135,6 +135,25 @@ impl NatsCluster {
         }
     }
 
+    /// A gateway's `[spool]` table on this cluster, with more `spool.nats`
+    /// fields.
+    pub fn spool(&self, fields: &str) -> String {
+        let servers: Vec<String> = self
+            .clients
+            .iter()
+            .map(|p| format!("\"nats://127.0.0.1:{p}\""))
+            .collect();
+        let fields = if fields.is_empty() {
+            String::new()
+        } else {
+            format!(", {fields}")
+        };
+        format!(
+            "[spool]\nbackend = \"nats\"\nnats = {{ servers = [{}]{fields} }}",
+            servers.join(", ")
+        )
+    }
+
     pub fn config(&self, prefix: &str, replicas: usize) -> NatsConfig {
         NatsConfig {
             servers: self
@@ -299,17 +318,9 @@ async fn two_gateways_share_one_queue() {
     .await
     .unwrap();
     let down = Downstream::start([]).await;
-    let servers: Vec<String> = cluster
-        .clients
-        .iter()
-        .map(|p| format!("\"nats://127.0.0.1:{p}\""))
-        .collect();
     let (dir, config) = GatewayBuilder::forward_all_to(&down.url("/hook"))
         .config("[delivery]\nmode = \"durable\"")
-        .config(&format!(
-            "[spool]\nbackend = \"nats\"\nnats = {{ servers = [{}], prefix = \"e2e\", replicas = 3 }}",
-            servers.join(", ")
-        ))
+        .config(&cluster.spool("prefix = \"e2e\", replicas = 3"))
         .write();
     let a = BinaryGateway::spawn(dir.path(), &config, &[]).await;
     let b = BinaryGateway::spawn(dir.path(), &config, &[]).await;
@@ -366,17 +377,9 @@ async fn nats_down_refuses_then_resumes() {
     .await
     .unwrap();
     let down = Downstream::start([]).await;
-    let servers: Vec<String> = cluster
-        .clients
-        .iter()
-        .map(|p| format!("\"nats://127.0.0.1:{p}\""))
-        .collect();
     let (dir, config) = GatewayBuilder::forward_all_to(&down.url("/hook"))
         .config("[delivery]\nmode = \"durable\"")
-        .config(&format!(
-            "[spool]\nbackend = \"nats\"\nnats = {{ servers = [{}], prefix = \"down\", replicas = 3, unavailable_after = \"2s\" }}",
-            servers.join(", ")
-        ))
+        .config(&cluster.spool("prefix = \"down\", replicas = 3, unavailable_after = \"2s\""))
         .write();
     let gw = BinaryGateway::spawn(dir.path(), &config, &[]).await;
     assert_eq!(gw.post(&job("d-before", &[])).await.status(), 202);
@@ -461,17 +464,9 @@ async fn kill_9_replicas_and_nats_servers_under_load() {
         .await
         .unwrap();
     let down = Downstream::start([]).await;
-    let servers: Vec<String> = cluster
-        .clients
-        .iter()
-        .map(|p| format!("\"nats://127.0.0.1:{p}\""))
-        .collect();
     let (dir, config) = GatewayBuilder::forward_all_to(&down.url("/hook"))
         .config("[delivery]\nmode = \"durable\"")
-        .config(&format!(
-            "[spool]\nbackend = \"nats\"\nnats = {{ servers = [{}], prefix = \"k9\", replicas = 3 }}",
-            servers.join(", ")
-        ))
+        .config(&cluster.spool("prefix = \"k9\", replicas = 3"))
         .write();
     let mut replicas = [
         Some(BinaryGateway::spawn(dir.path(), &config, &[]).await),
@@ -623,18 +618,10 @@ async fn dead_letters_list_replay_and_purge_on_jetstream() {
         .unwrap();
     let down = Downstream::start([]).await;
     down.answer_path("/wrong", Answer::Status(404));
-    let servers: Vec<String> = cluster
-        .clients
-        .iter()
-        .map(|p| format!("\"nats://127.0.0.1:{p}\""))
-        .collect();
     let token = "nats-dead-letter-token";
     let (dir, config) = GatewayBuilder::forward_all_to(&down.url("/wrong"))
         .config("[delivery]\nmode = \"durable\"")
-        .config(&format!(
-            "[spool]\nbackend = \"nats\"\nnats = {{ servers = [{}], prefix = \"dl\", replicas = 3 }}",
-            servers.join(", ")
-        ))
+        .config(&cluster.spool("prefix = \"dl\", replicas = 3"))
         .admin_token(token)
         .write();
     let gw = BinaryGateway::spawn(dir.path(), &config, &[]).await;

@@ -402,15 +402,7 @@ impl GatewayBuilder {
     /// Keeps the deliveries in `backend` (which the caller keeps running).
     pub fn on(self, backend: &Backend) -> Self {
         if let Backend::Nats(cluster) = backend {
-            let servers: Vec<String> = cluster
-                .clients
-                .iter()
-                .map(|p| format!("\"nats://127.0.0.1:{p}\""))
-                .collect();
-            return self.config(&format!(
-                "[spool]\nbackend = \"nats\"\nnats = {{ servers = [{}] }}",
-                servers.join(", ")
-            ));
+            return self.config(&cluster.spool(""));
         }
         self
     }
