@@ -194,7 +194,8 @@ def nginx(conf: pathlib.Path, port: int) -> Server:
     return Server(["nginx", "-c", str(conf), "-g", "daemon off;"], ready=f"http://127.0.0.1:{port}/")
 
 
-def hookgate_conf(tmp: pathlib.Path, mode: str, sink: str, verify: bool = True, nats: str | None = None) -> pathlib.Path:
+def hookgate_conf(tmp: pathlib.Path, mode: str, sink: str, verify: bool = True, nats: str | None = None,
+                  window: str = "24h") -> pathlib.Path:
     d = tmp / f"hookgate-{mode}{'-nats' if nats else ''}"
     if d.exists():
         shutil.rmtree(d)
@@ -220,8 +221,9 @@ path = "{d / 'spool'}"
 max_bytes = "8GiB"
 {f'backend = "nats"{chr(10)}nats = {{ servers = ["{nats}"] }}' if nats else ""}
 [dedupe]
-# The bodies file cycles; a job id seen again a second later is not a duplicate here.
-window = "1s"
+# The shipped window. Durable scenarios send a new job id on every request;
+# direct mode keeps no dedupe index.
+window = "{window}"
 [log]
 format = "json"
 level = "warn"
@@ -261,7 +263,7 @@ def start_nats(tmp: pathlib.Path) -> Server:
 def start_hookgate_on_nats(tmp: pathlib.Path, sink: str) -> Together:
     nats = start_nats(tmp)
     try:
-        conf = hookgate_conf(tmp, "durable", sink, nats=f"nats://127.0.0.1:{NATS_PORT}")
+        conf = hookgate_conf(tmp, "durable", sink, verify=False, nats=f"nats://127.0.0.1:{NATS_PORT}")
         return Together(nats, start_hookgate(conf))
     except BaseException:
         nats.stop()
@@ -279,7 +281,9 @@ def start_python(module: str, python: pathlib.Path, workers: int) -> Server:
 # --- load -------------------------------------------------------------------
 
 
-def wrk(url: str, bodies: pathlib.Path, seconds: float, connections: int, threads: int) -> dict:
+def wrk(url: str, bodies: pathlib.Path | str, seconds: float, connections: int, threads: int) -> dict:
+    """`bodies`: a file of pre-signed webhooks, or "unique:PREFIX" for a new
+    unsigned job id on every request (post.lua)."""
     argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{round(seconds)}s", "--timeout", "5s", "-s", str(HERE / "post.lua"),
             url, "--", str(bodies), str(threads)]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -293,13 +297,57 @@ def wrk(url: str, bodies: pathlib.Path, seconds: float, connections: int, thread
     return result
 
 
+def durable(name: str) -> bool:
+    return "durable" in name
+
+
+def write_bytes(pids: list[int]) -> int:
+    """Bytes the processes have caused to be written to storage."""
+    total = 0
+    for p in pids:
+        try:
+            for line in pathlib.Path(f"/proc/{p}/io").read_text().splitlines():
+                if line.startswith("write_bytes:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+def count_fsyncs(pids: list[int]):
+    """perf counting fsync and fdatasync calls of `pids` until stopped;
+    None where perf cannot."""
+    if not shutil.which("perf"):
+        return None
+    return subprocess.Popen(
+        ["perf", "stat", "-x,", "-e", "syscalls:sys_enter_fsync,syscalls:sys_enter_fdatasync",
+         "-p", ",".join(map(str, pids))],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def fsyncs_counted(perf) -> int | None:
+    if perf is None:
+        return None
+    perf.send_signal(signal.SIGINT)
+    _, err = perf.communicate(timeout=10)
+    counts = [int(l.split(",")[0]) for l in err.splitlines() if ",syscalls:" in l and l.split(",")[0].isdigit()]
+    return sum(counts) if counts else None
+
+
 def measure(name, server: Server, sink: Server, url, bodies, args) -> dict:
+    if durable(name):
+        # A new job id on every request, for the whole run and the warm-up.
+        bodies = f"unique:{name.replace(' ', '_')}-{time.time_ns()}"
     wrk(url, bodies, 1, args.connections, args.threads)  # warm up: connections, pools, caches
     pids, sink_pids = server.pids(), sink.pids()
     cpu0, sink0, busy0 = cpu_seconds(pids), cpu_seconds(sink_pids), machine_busy_seconds()
+    written0 = write_bytes(pids)
+    perf = count_fsyncs(pids) if durable(name) else None
     r = wrk(url, bodies, args.duration, args.connections, args.threads)
+    fsyncs = fsyncs_counted(perf)
     pids = server.pids()
     cpu, sink_cpu, busy = cpu_seconds(pids) - cpu0, cpu_seconds(sink_pids) - sink0, machine_busy_seconds() - busy0
+    written = write_bytes(pids) - written0
     seconds = r["duration_us"] / 1e6
     ok = r["requests"] - r["status_errors"]
     accounted = cpu + sink_cpu + r["wrk_cpu_s"]
@@ -319,6 +367,9 @@ def measure(name, server: Server, sink: Server, url, bodies, args) -> dict:
         "unaccounted_cpu_s": busy - accounted,
         "noisy": busy - accounted > 0.1 * CORES * seconds,
         "peak_rss_mib": peak_rss_kib(pids) / 1024,
+        "fsyncs_per_s": fsyncs / seconds if fsyncs is not None else None,
+        "written_bytes_per_webhook": written / max(ok, 1),
+        "written_kib_per_fsync": written / 1024 / fsyncs if fsyncs else None,
     }
 
 
@@ -331,7 +382,7 @@ def scenarios(tmp: pathlib.Path, python: pathlib.Path | None, baseline: pathlib.
         ("nginx 1 worker", lambda: nginx(nginx_conf(tmp, "nginx1", 1, SERVER_PORT, proxy), SERVER_PORT), url),
         ("nginx 2 workers", lambda: nginx(nginx_conf(tmp, "nginx2", 2, SERVER_PORT, proxy), SERVER_PORT), url),
         ("hookgate direct", lambda: start_hookgate(hookgate_conf(tmp, "direct", sink_url)), url),
-        ("hookgate durable", lambda: start_hookgate(hookgate_conf(tmp, "durable", sink_url)), url),
+        ("hookgate durable", lambda: start_hookgate(hookgate_conf(tmp, "durable", sink_url, verify=False)), url),
     ]
     if shutil.which("nats-server"):
         # The queue in JetStream (one local server, R1): hookgate's and the
@@ -341,7 +392,7 @@ def scenarios(tmp: pathlib.Path, python: pathlib.Path | None, baseline: pathlib.
         # An earlier build, side by side with this one: before and after.
         out += [
             ("baseline direct", lambda: start_hookgate(hookgate_conf(tmp, "direct", sink_url), baseline), url),
-            ("baseline durable", lambda: start_hookgate(hookgate_conf(tmp, "durable", sink_url), baseline), url),
+            ("baseline durable", lambda: start_hookgate(hookgate_conf(tmp, "durable", sink_url, verify=False), baseline), url),
         ]
     if python:
         out += [
@@ -374,7 +425,13 @@ def summarize(runs: list[dict]) -> dict:
             "peak_rss_mib": max(r["peak_rss_mib"] for r in rs),
             "errors": sum(r["errors"] for r in rs),
             "noisy_runs": sum(r["noisy"] for r in rs),
+            "written_bytes_per_webhook": med("written_bytes_per_webhook"),
         }
+        fsynced = [r for r in rs if r.get("fsyncs_per_s") is not None]
+        if fsynced:
+            summary[name]["fsyncs_per_s"] = statistics.median(r["fsyncs_per_s"] for r in fsynced)
+            per = [r["written_kib_per_fsync"] for r in fsynced if r["written_kib_per_fsync"] is not None]
+            summary[name]["written_kib_per_fsync"] = statistics.median(per) if per else None
     return summary
 
 
@@ -404,6 +461,15 @@ def report(summary: dict, args) -> str:
     lines.append("CPU ms/1k: server CPU time per 1000 webhooks (the sink's is measured apart). noisy: runs where the")
     lines.append("machine was busier than the server, the sink and wrk account for (by more than 10% of its cores).")
     lines.append("")
+    stored = {name: s for name, s in summary.items() if "fsyncs_per_s" in s}
+    if stored:
+        lines.append("writes (durable: a new job id on every request, dedupe.window 24h; fsync = fsync + fdatasync calls):")
+        lines.append(f"{'scenario':<24} {'fsyncs/s':>9} {'webhooks/fsync':>15} {'KiB written/fsync':>18} {'bytes written/webhook':>22}")
+        for name, st in stored.items():
+            per = f"{st['rps'] / st['fsyncs_per_s']:.1f}" if st["fsyncs_per_s"] else "-"
+            kib = f"{st['written_kib_per_fsync']:.1f}" if st["written_kib_per_fsync"] is not None else "-"
+            lines.append(f"{name:<24} {st['fsyncs_per_s']:>9.0f} {per:>15} {kib:>18} {st['written_bytes_per_webhook']:>22.0f}")
+        lines.append("")
     direct, durable = summary.get("hookgate direct"), summary.get("hookgate durable")
     if direct and durable and nginx_best:
         nginx_top = max(nginx, key=lambda s: s["best"]["rps"])
@@ -413,7 +479,8 @@ def report(summary: dict, args) -> str:
         lines.append(f"  direct  >= 1.0x nginx req/s:     {direct['rps'] / nginx_best['rps']:<24.2f} {d['rps'] / n['rps']:.2f}")
         lines.append(f"  direct  p99 <= nginx p99 (ms):   {direct['p99_ms']:.2f} vs {nginx_best['p99_ms']:<16.2f} {d['p99_ms']:.2f} vs {n['p99_ms']:.2f}")
         lines.append(f"  direct  CPU/webhook <= nginx:    {direct['cpu_ms_per_1k']:.1f} vs {nginx_best['cpu_ms_per_1k']:<16.1f} {d['cpu_ms_per_1k']:.1f} vs {n['cpu_ms_per_1k']:.1f} ms per 1k")
-        lines.append(f"  durable >= 0.5x nginx req/s:     {durable['rps'] / nginx_best['rps']:<24.2f} {durable['best']['rps'] / n['rps']:.2f}")
+        lines.append(f"  durable >= 0.6x nginx req/s:     {durable['rps'] / nginx_best['rps']:<24.2f} {durable['best']['rps'] / n['rps']:.2f}")
+        lines.append(f"  durable p99 <= 3x nginx p99:     {durable['p99_ms']:.2f} vs {3 * nginx_best['p99_ms']:<16.2f} {durable['best']['p99_ms']:.2f} vs {3 * n['p99_ms']:.2f}")
         if python_best:
             lines.append(f"  direct  >= 20x best Python:      {direct['rps'] / python_best['rps']:<24.1f} {d['rps'] / python_top['best']['rps']:.1f}")
         lines.append("  idle RSS < 15 MB:                see 'idle RSS' below")
@@ -443,7 +510,6 @@ def scale(tmp: pathlib.Path, count: int, args, binary: pathlib.Path = HOOKGATE) 
         text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
         return sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines() if l.startswith(name + "{") or l.startswith(name + " "))
 
-    lua = HERE / "unique.lua"
     samples, started = [], time.time()
     while True:
         queued = gauge("hookgate_queue_depth")
@@ -451,8 +517,7 @@ def scale(tmp: pathlib.Path, count: int, args, binary: pathlib.Path = HOOKGATE) 
         print(f"  t={samples[-1][0]}s queued={samples[-1][1]} rss={samples[-1][2]} MiB", flush=True)
         if queued >= count:
             break
-        subprocess.run(["wrk", f"-t{args.threads}", f"-c{args.connections}", "-d10s", "-s", str(lua),
-                        f"http://127.0.0.1:{SERVER_PORT}/results"], stdout=subprocess.DEVNULL, check=True)
+        wrk(f"http://127.0.0.1:{SERVER_PORT}/results", f"unique:scale-{time.time_ns()}", 10, args.connections, args.threads)
     queued = int(gauge("hookgate_queue_depth"))
     spool = conf.parent / "spool" / "spool.redb"
     file_bytes = spool.stat().st_size
