@@ -637,3 +637,20 @@ async fn secret_rotation_through_a_reload() {
     assert_eq!(status(NEW).await, 200);
     gw.stop().await;
 }
+
+/// With no admin token configured, the admin calls are refused with 403,
+/// and the answer names both ways to configure one.
+#[tokio::test]
+async fn a_disabled_admin_api_says_how_to_enable_it() {
+    let down = Downstream::start([]).await;
+    let gw = GatewayBuilder::forward_all_to(&down.url("/")).start().await;
+    let refused = gw.reload(Some("any-token")).await;
+    assert_eq!(refused.status(), 403);
+    let body: serde_json::Value = refused.json().await.unwrap();
+    let error = body["error"].as_str().unwrap();
+    assert!(
+        error.contains("admin.token_file") && error.contains("admin.token_env"),
+        "{error}"
+    );
+    gw.stop().await;
+}
