@@ -223,7 +223,10 @@ impl NatsQueue {
             Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => {}
             Err(e) => return Err(failed(&e)),
         }
-        let body = job.job.encode();
+        let body = job
+            .job
+            .encode()
+            .map_err(|e| NatsError::Publish(e.to_string()))?;
         let mut acks = Vec::with_capacity(job.records.len());
         for record in &job.records {
             let queued = match record.dead_reason {

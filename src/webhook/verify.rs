@@ -76,6 +76,8 @@ pub enum SignatureError {
     Mismatch { hint: Hint },
     #[error("the X-Hub-Signature-256 header appears more than once; send exactly one")]
     Repeated,
+    #[error("the X-Hub-Signature-256 header is {0} bytes long, more than {MAX_HEADER_LEN}")]
+    TooLong(usize),
 }
 
 impl SignatureError {
@@ -83,7 +85,7 @@ impl SignatureError {
     pub fn reason(&self) -> &'static str {
         match self {
             Self::Missing => "missing_signature",
-            Self::BadEncoding { .. } | Self::Repeated => "bad_encoding",
+            Self::BadEncoding { .. } | Self::Repeated | Self::TooLong(_) => "bad_encoding",
             Self::Mismatch { .. } => "bad_signature",
         }
     }
@@ -227,11 +229,18 @@ pub fn signature_header(
 ) -> Result<Option<&http::HeaderValue>, SignatureError> {
     let mut all = headers.get_all(HEADER).iter();
     let first = all.next();
-    match all.next() {
-        Some(_) => Err(SignatureError::Repeated),
-        None => Ok(first),
+    if all.next().is_some() {
+        return Err(SignatureError::Repeated);
+    }
+    match first {
+        Some(value) if value.len() > MAX_HEADER_LEN => Err(SignatureError::TooLong(value.len())),
+        _ => Ok(first),
     }
 }
+
+/// The longest signature header taken: a real one is 44 (base64) or 71
+/// (`sha256=` and hex) bytes. It is stored with the job, and forwarded.
+pub const MAX_HEADER_LEN: usize = 1024;
 
 /// The header the vendor signs in.
 pub const HEADER: &str = "x-hub-signature-256";
@@ -300,6 +309,38 @@ mod tests {
         let header = header.map(|h| http::HeaderValue::from_str(h).unwrap());
         v.verify(Bytes::copy_from_slice(body), header.as_ref())
             .map(|ok| ok.secret())
+    }
+
+    #[test]
+    fn the_signature_header_is_one_and_bounded() {
+        let headers = |values: &[String]| {
+            let mut map = http::HeaderMap::new();
+            for v in values {
+                map.append(HEADER, http::HeaderValue::from_str(v).unwrap());
+            }
+            map
+        };
+        let ok = "a".repeat(MAX_HEADER_LEN);
+        let long = "a".repeat(MAX_HEADER_LEN + 1);
+        let cases: &[(&[String], Result<bool, SignatureError>)] = &[
+            (&[], Ok(false)),
+            (std::slice::from_ref(&ok), Ok(true)),
+            (&[ok.clone(), ok.clone()], Err(SignatureError::Repeated)),
+            (
+                std::slice::from_ref(&long),
+                Err(SignatureError::TooLong(MAX_HEADER_LEN + 1)),
+            ),
+        ];
+        for (values, want) in cases {
+            let map = headers(values);
+            let got = signature_header(&map).map(|h| h.is_some());
+            assert_eq!(
+                format!("{got:?}"),
+                format!("{want:?}"),
+                "{} headers",
+                values.len()
+            );
+        }
     }
 
     #[test]

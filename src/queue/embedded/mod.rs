@@ -88,6 +88,16 @@ pub struct Record {
     pub dead_ms: Option<u64>,
 }
 
+/// A part of a job too long to be stored (the ingress bounds each well
+/// below this).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the job's {what} is {len} bytes, more than the {max} a stored job can hold")]
+pub struct TooLong {
+    pub what: &'static str,
+    pub len: usize,
+    pub max: usize,
+}
+
 /// A job as stored: everything needed to forward it again.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredJob {
@@ -101,25 +111,43 @@ pub struct StoredJob {
 impl StoredJob {
     /// `[u16 id][id][u16 sig][sig][u32 query][query][u64 ms][body]`, little
     /// endian: the body stays a plain byte slice at the end.
-    pub(crate) fn encode(&self) -> Vec<u8> {
+    /// The stored form. Lengths are checked, never truncated: a part
+    /// too long for its length field is an error, not a corrupt record.
+    pub(crate) fn encode(&self) -> Result<Vec<u8>, TooLong> {
         let sig = self.signature.as_deref().unwrap_or_default();
         let query = self.query.as_deref().unwrap_or_default();
+        let fits16 = |what, len: usize| {
+            u16::try_from(len).map_err(|_| TooLong {
+                what,
+                len,
+                max: u16::MAX as usize,
+            })
+        };
+        let id_len = fits16("job_id", self.job_id.len())?;
+        let sig_len = fits16("signature", sig.len())?;
+        let query_len = match &self.query {
+            // u32::MAX stands for no query at all.
+            Some(_) => u32::try_from(query.len())
+                .ok()
+                .filter(|&n| n < u32::MAX)
+                .ok_or(TooLong {
+                    what: "query",
+                    len: query.len(),
+                    max: u32::MAX as usize - 1,
+                })?,
+            None => u32::MAX,
+        };
         let mut out =
             Vec::with_capacity(16 + self.job_id.len() + sig.len() + query.len() + self.body.len());
-        out.extend_from_slice(&(self.job_id.len() as u16).to_le_bytes());
+        out.extend_from_slice(&id_len.to_le_bytes());
         out.extend_from_slice(self.job_id.as_bytes());
-        out.extend_from_slice(&(sig.len() as u16).to_le_bytes());
+        out.extend_from_slice(&sig_len.to_le_bytes());
         out.extend_from_slice(sig);
-        let query_len = if self.query.is_some() {
-            query.len() as u32
-        } else {
-            u32::MAX
-        };
         out.extend_from_slice(&query_len.to_le_bytes());
         out.extend_from_slice(query.as_bytes());
         out.extend_from_slice(&self.accepted_ms.to_le_bytes());
         out.extend_from_slice(&self.body);
-        out
+        Ok(out)
     }
 
     pub(crate) fn decode(raw: &[u8]) -> Option<Self> {
@@ -188,6 +216,8 @@ impl DeadFilter {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
+    #[error(transparent)]
+    TooLong(#[from] TooLong),
     #[error("the spool is full ({used} of {limit} bytes)")]
     Full { used: u64, limit: u64 },
     #[error("spool storage error: {0}")]
@@ -740,5 +770,41 @@ impl Spool {
 
     fn send(&self, op: Op) -> Result<(), SpoolError> {
         self.ops.send(op).map_err(|_| SpoolError::Closed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(id_len: usize, sig_len: usize, query: Option<&str>) -> StoredJob {
+        StoredJob {
+            job_id: "j".repeat(id_len),
+            signature: Some(Bytes::from(vec![b's'; sig_len])),
+            query: query.map(str::to_owned),
+            accepted_ms: 7,
+            body: Bytes::from_static(b"{}"),
+        }
+    }
+
+    #[test]
+    fn a_stored_job_encodes_whole_or_not_at_all() {
+        let max = u16::MAX as usize;
+        let cases = [
+            (job(3, 44, Some("t=1")), None),
+            (job(3, 44, None), None),
+            (job(max, max, Some("")), None),
+            (job(max + 1, 44, None), Some("job_id")),
+            (job(3, max + 1, None), Some("signature")),
+        ];
+        for (stored, too_long) in cases {
+            match stored.encode() {
+                Ok(raw) => {
+                    assert_eq!(too_long, None);
+                    assert_eq!(StoredJob::decode(&raw), Some(stored));
+                }
+                Err(e) => assert_eq!(Some(e.what), too_long),
+            }
+        }
     }
 }

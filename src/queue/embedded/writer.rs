@@ -437,6 +437,9 @@ impl Writer {
         job: NewJob,
         now: u64,
     ) -> Result<Accepted, SpoolError> {
+        // Before anything is written: a job that cannot be stored is not
+        // marked seen either.
+        let encoded = job.job.encode()?;
         let job_id = job.job.job_id.as_str();
         if let Some(at) = t.seen.get(job_id)?.map(|v| v.value()) {
             if at + self.window_ms >= now {
@@ -455,7 +458,6 @@ impl Writer {
         }
         let seq = self.next_job;
         self.next_job += 1;
-        let encoded = job.job.encode();
         self.add(encoded.len());
         t.jobs.insert(seq, encoded.as_slice())?;
         t.refs.insert(seq, job.records.len() as u32)?;
