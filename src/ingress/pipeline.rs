@@ -88,10 +88,14 @@ impl Rejection {
 /// The answer to a webhook.
 #[derive(Debug)]
 pub enum Reply {
-    /// Delivered (direct), stored (durable: 202), dropped by a rule, or a
-    /// duplicate.
+    /// Delivered (direct), stored (durable: 202), or dropped by a rule.
     Done {
         status: StatusCode,
+        job_id: String,
+    },
+    /// A job id accepted within the dedupe window: 202, and not forwarded
+    /// again (the answer says so, for whoever re-sent it on purpose).
+    Duplicate {
         job_id: String,
     },
     Rejected(Rejection),
@@ -279,8 +283,7 @@ impl Pipeline {
     fn duplicate(&self, job: &Job<'_>) -> Reply {
         self.metrics.duplicate.inc();
         tracing::info!(job_id = %job.job_id, "duplicate job id within the dedupe window: acknowledged, not forwarded again");
-        Reply::Done {
-            status: StatusCode::ACCEPTED,
+        Reply::Duplicate {
             job_id: job.job_id.to_string(),
         }
     }

@@ -165,6 +165,8 @@ struct Answer<'a> {
     reason: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     message: Option<String>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    duplicate: bool,
 }
 
 fn render(reply: Reply) -> Response {
@@ -176,6 +178,19 @@ fn render(reply: Reply) -> Response {
                 job_id: Some(job_id),
                 reason: None,
                 message: None,
+                duplicate: false,
+            },
+        ),
+        Reply::Duplicate { job_id } => (
+            http::StatusCode::ACCEPTED,
+            Answer {
+                status: "ok",
+                job_id: Some(job_id),
+                reason: None,
+                message: Some(
+                    "this job_id was accepted within dedupe.window: not forwarded again".into(),
+                ),
+                duplicate: true,
             },
         ),
         Reply::NotDelivered { status, job_id } => (
@@ -185,6 +200,7 @@ fn render(reply: Reply) -> Response {
                 job_id: Some(job_id),
                 reason: None,
                 message: None,
+                duplicate: false,
             },
         ),
         Reply::Rejected(r) => (
@@ -194,6 +210,7 @@ fn render(reply: Reply) -> Response {
                 job_id: None,
                 reason: Some(r.reason()),
                 message: Some(r.to_string()),
+                duplicate: false,
             },
         ),
     };

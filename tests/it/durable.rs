@@ -325,9 +325,17 @@ async fn duplicates_are_forwarded_once_across_restarts(backend: Backend) {
     let down = Downstream::start([]).await;
     let gw = on(to(&down.url("/")), &backend).start().await;
     let body = job("dup-1", &[("ARMS_AMMO", "HIGH")]);
-    assert_eq!(gw.post(&body, "").await.status(), 202);
+    let first = gw.post(&body, "").await;
+    assert_eq!(first.status(), 202);
+    let first: serde_json::Value = first.json().await.unwrap();
+    assert_eq!(first.get("duplicate"), None, "{first}");
     down.wait_for(1, Duration::from_secs(5)).await;
-    assert_eq!(gw.post(&body, "").await.status(), 202);
+    let again = gw.post(&body, "").await;
+    assert_eq!(again.status(), 202);
+    // The answer says why nothing more will arrive.
+    let again: serde_json::Value = again.json().await.unwrap();
+    assert_eq!(again["duplicate"], true, "{again}");
+    assert_eq!(again["job_id"], "dup-1", "{again}");
     let m = gw.metrics().await;
     assert_eq!(m.get("hookgate_jobs_duplicate_total", ""), 1.0);
     let flagged = "category=\"ARMS_AMMO\",risk_level=\"HIGH\"";
