@@ -631,9 +631,29 @@ async fn secret_rotation_through_a_reload() {
     .await;
     assert_eq!(status(NEW).await, 200);
 
-    // A broken secret file keeps the running secrets.
+    // A broken secret file keeps the running secrets. The reloader reads
+    // the secrets right after the rules in each poll: once a rules change
+    // made after the next one is reloaded too, that poll has read the
+    // emptied file.
     std::fs::write(gw.dir().join("secret-0"), "").unwrap();
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    let rules = std::fs::read_to_string(gw.dir().join("rules.toml")).unwrap();
+    for round in 1..=2 {
+        let before = gw
+            .metrics()
+            .await
+            .get("hookgate_config_reloads_total", "result=\"success\"");
+        std::fs::write(
+            gw.dir().join("rules.toml"),
+            format!("{rules}\n# round {round}\n"),
+        )
+        .unwrap();
+        gw.wait_for_metric(
+            "hookgate_config_reloads_total",
+            "result=\"success\"",
+            before + 1.0,
+        )
+        .await;
+    }
     assert_eq!(status(NEW).await, 200);
     gw.stop().await;
 }

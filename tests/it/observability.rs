@@ -457,8 +457,21 @@ forward = ["ok"]
         },
     )
     .await;
-    // Rates need two samples inside their window.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Rates need two samples inside their window (every series is scraped
+    // with this one).
+    eventually(
+        Duration::from_secs(20),
+        "two samples inside a rate window",
+        || async {
+            prometheus
+                .query("count_over_time(hookgate_webhooks_received_total[1m])")
+                .await
+                .first()
+                .and_then(|r| r["value"][1].as_str()?.parse::<f64>().ok())
+                .is_some_and(|n| n >= 2.0)
+        },
+    )
+    .await;
 
     for (title, expr) in panel_queries() {
         if other_backend(&backend).iter().any(|m| expr.contains(m)) {

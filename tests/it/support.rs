@@ -714,6 +714,8 @@ pub struct BinaryGateway {
     pub admin: SocketAddr,
     child: Option<std::process::Child>,
     log: Arc<Mutex<String>>,
+    /// Reads stderr into `log` until the process closes it.
+    reader: Option<std::thread::JoinHandle<()>>,
     pub client: reqwest::Client,
 }
 
@@ -748,7 +750,7 @@ impl BinaryGateway {
         let log = Arc::new(Mutex::new(String::new()));
         let mut stderr = child.stderr.take().unwrap();
         let sink = log.clone();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             use std::io::Read;
             let mut buf = [0u8; 8192];
             while let Ok(n) = stderr.read(&mut buf) {
@@ -765,6 +767,7 @@ impl BinaryGateway {
             admin,
             child: Some(child),
             log,
+            reader: Some(reader),
             client: reqwest::Client::builder().build().unwrap(),
         };
         for _ in 0..500 {
@@ -826,12 +829,18 @@ impl BinaryGateway {
     /// Waits for the process to exit: its exit code and everything logged.
     pub async fn wait(mut self) -> (Option<i32>, String) {
         let mut child = self.child.take().unwrap();
-        let status = tokio::task::spawn_blocking(move || child.wait())
-            .await
-            .unwrap()
-            .unwrap();
-        // Let the reader thread take the last lines.
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        let reader = self.reader.take();
+        let status = tokio::task::spawn_blocking(move || {
+            let status = child.wait();
+            // The whole log: the reader ends when the process's stderr does.
+            if let Some(reader) = reader {
+                let _ = reader.join();
+            }
+            status
+        })
+        .await
+        .unwrap()
+        .unwrap();
         (status.code(), self.log.lock().unwrap().clone())
     }
 }
