@@ -21,17 +21,22 @@ const DEFAULT_CONFIG: &str = "config/hookgate.toml";
 #[derive(Subcommand)]
 enum Command {
     /// Run the gateway.
+    #[command(after_help = SERVE_HELP)]
     Serve {
+        /// The gateway's config file (TOML); the rules file is named in it.
         #[arg(long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
-    /// Validate the config and rules; print every problem; exit 1 on any.
+    /// Validate the config and the rules, printing every problem found;
+    /// exit 1 if there is one.
     Check {
+        /// The gateway's config file (TOML); the rules file is named in it.
         #[arg(long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
     /// Show which rules match a payload and where it would go, without sending it.
     Route {
+        /// The gateway's config file (TOML); the rules file is named in it.
         #[arg(long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
         /// The query string of the callback URL, e.g. 'tenant=acme&filename=a.mp4'.
@@ -40,28 +45,37 @@ enum Command {
         /// Print the decision as JSON.
         #[arg(long)]
         json: bool,
+        /// A webhook body (JSON) as the vendor would send it.
         payload: PathBuf,
     },
     /// Run routing tests (payload + query -> expected destinations).
-    Test { file: PathBuf },
+    Test {
+        /// A routing-test file (TOML): each case a payload, a query and the
+        /// destinations expected; exit 1 if one fails.
+        file: PathBuf,
+    },
     /// Print the X-Hub-Signature-256 value of a file.
     Sign {
         /// The environment variable holding the secret.
         #[arg(long)]
         secret_env: String,
+        /// The exact bytes to sign (a webhook body).
         payload: PathBuf,
     },
     /// POST a file signed as the vendor would.
     Send {
+        /// Where to POST it, e.g. 'http://127.0.0.1:8080/results?tenant=acme'.
         #[arg(long)]
         url: String,
         /// The environment variable holding the secret; unsigned without it.
         #[arg(long)]
         secret_env: Option<String>,
+        /// The webhook body to send, byte for byte.
         payload: PathBuf,
     },
     /// A local receiver that prints each webhook and whether its signature verifies.
     Listen {
+        /// The port to listen on.
         #[arg(long, default_value_t = 8000)]
         port: u16,
         /// Listen on this address instead of 127.0.0.1.
@@ -72,6 +86,24 @@ enum Command {
         secret_env: Option<String>,
     },
 }
+
+/// What `serve --help` adds below the options.
+const SERVE_HELP: &str = "\
+Environment:
+  HOOKGATE_<SECTION>__<KEY>  overrides a config key (a double underscore
+                             nests), e.g. HOOKGATE_DELIVERY__TIMEOUT=5s
+  RUST_LOG                   a tracing filter; wins over log.level
+  the variables the config names: verify.secrets' env, admin.token_env,
+  spool.nats.token_env (secrets are never written in the config)
+
+Signals:
+  SIGTERM, SIGINT  drain: readiness 503, new webhooks 503, those in flight
+                   finish, then exit within shutdown.grace
+  SIGHUP           reload the rules now
+
+Exit codes:
+  0  stopped cleanly after a signal
+  1  could not start (config, rules, secrets, ports, spool), or failed";
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

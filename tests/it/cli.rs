@@ -344,3 +344,47 @@ fn check_refuses_a_rules_file_without_rules() {
         "{stderr}"
     );
 }
+
+/// Every argument and option of every command says what it is, and
+/// `serve --help` names the environment it reads and its exit codes.
+#[test]
+fn help_describes_every_argument() {
+    let help = |args: &[&str]| {
+        let out = hookgate().args(args).arg("--help").output().unwrap();
+        assert!(out.status.success());
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let commands = ["serve", "check", "route", "test", "sign", "send", "listen"];
+    for command in commands {
+        let text = help(&[command]);
+        let mut section = "";
+        for line in text.lines() {
+            if !line.starts_with(' ') {
+                section = line;
+                continue;
+            }
+            if !matches!(section, "Arguments:" | "Options:") {
+                continue;
+            }
+            // "  --name <NAME>  What it is" or "  <NAME>  What it is".
+            let described = line
+                .trim_start()
+                .split_once("  ")
+                .is_some_and(|(_, rest)| !rest.trim().is_empty());
+            assert!(described, "{command} --help: {line:?} has no description");
+        }
+    }
+    let top = help(&[]);
+    assert!(
+        top.lines()
+            .any(|l| l.contains("check") && l.ends_with("if there is one")),
+        "{top}"
+    );
+    let serve = help(&["serve"]);
+    for needle in ["HOOKGATE_", "RUST_LOG", "SIGTERM", "SIGHUP", "Exit codes"] {
+        assert!(
+            serve.contains(needle),
+            "serve --help lacks {needle}: {serve}"
+        );
+    }
+}
