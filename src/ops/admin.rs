@@ -26,13 +26,11 @@ pub struct AdminState {
 }
 
 impl AdminState {
-    /// `None` when the request may proceed, else the refusal to send.
-    fn refuse(&self, authorization: Option<&HeaderValue>) -> Option<Response> {
+    /// Whether a request with this `Authorization` header may call the
+    /// operator API.
+    fn authorize(&self, authorization: Option<&HeaderValue>) -> Result<(), Refusal> {
         let Some(token) = &self.token else {
-            return Some(json_reply(
-                StatusCode::FORBIDDEN,
-                &json!({ "error": "the admin API is disabled: set admin.token_file or admin.token_env to enable it" }),
-            ));
+            return Err(Refusal::Disabled);
         };
         let offered = authorization
             .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
@@ -40,18 +38,88 @@ impl AdminState {
         // Constant time: how long the comparison takes does not tell how
         // much of a guessed token was right.
         if bool::from(offered.ct_eq(token.as_bytes())) {
-            return None;
+            Ok(())
+        } else {
+            Err(Refusal::Unauthorized)
         }
-        let mut response = json_reply(
-            StatusCode::UNAUTHORIZED,
-            &json!({ "error": "a valid bearer token is required" }),
-        );
-        response.headers_mut().insert(
-            http::header::WWW_AUTHENTICATE,
-            HeaderValue::from_static("Bearer"),
-        );
-        Some(response)
     }
+}
+
+/// Why an operator call is refused. Filters reject with it; one `recover`
+/// renders the JSON answer.
+#[derive(Debug)]
+enum Refusal {
+    /// No admin token configured.
+    Disabled,
+    Unauthorized,
+    /// Direct mode: no queue, no dead letters.
+    NoQueue,
+    /// A query string this call does not take.
+    BadQuery {
+        error: String,
+        accepted: &'static str,
+    },
+}
+
+impl warp::reject::Reject for Refusal {}
+
+impl Refusal {
+    fn render(&self) -> Response {
+        let (status, error) = match self {
+            Refusal::Disabled => (
+                StatusCode::FORBIDDEN,
+                "the admin API is disabled: set admin.token_file or admin.token_env to enable it"
+                    .to_owned(),
+            ),
+            Refusal::Unauthorized => (
+                StatusCode::UNAUTHORIZED,
+                "a valid bearer token is required".to_owned(),
+            ),
+            Refusal::NoQueue => (
+                StatusCode::CONFLICT,
+                "delivery.mode is \"direct\": there is no spool and no dead letters".to_owned(),
+            ),
+            Refusal::BadQuery { error, accepted } => (
+                StatusCode::BAD_REQUEST,
+                format!("bad query string ({error}); this call takes {accepted}"),
+            ),
+        };
+        let mut response = json_reply(status, &json!({ "error": error }));
+        if matches!(self, Refusal::Unauthorized) {
+            response.headers_mut().insert(
+                http::header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer"),
+            );
+        }
+        response
+    }
+}
+
+/// Renders a [`Refusal`]; any other rejection goes on to warp's own
+/// answer (404, 405).
+async fn recover(rejection: Rejection) -> Result<Response, Rejection> {
+    match rejection.find::<Refusal>() {
+        Some(refusal) => Ok(refusal.render()),
+        None => Err(rejection),
+    }
+}
+
+/// The query string as `T`, or a [`Refusal::BadQuery`] naming the
+/// parameters the call takes.
+fn query<T: serde::de::DeserializeOwned + Send + 'static>(
+    accepted: &'static str,
+) -> impl Filter<Extract = (T,), Error = Rejection> + Clone {
+    warp::query::raw()
+        .or(warp::any().map(String::new))
+        .unify()
+        .and_then(move |raw: String| async move {
+            serde_urlencoded::from_str::<T>(&raw).map_err(|e| {
+                warp::reject::custom(Refusal::BadQuery {
+                    error: e.to_string(),
+                    accepted,
+                })
+            })
+        })
 }
 
 fn json_reply(status: StatusCode, body: &serde_json::Value) -> Response {
@@ -105,22 +173,19 @@ pub fn routes(
         .map(Some)
         .or(warp::any().map(|| None))
         .unify();
-    // Every operator call checks the token first: the handler gets the
-    // state, or the refusal to send back.
-    let authorized = with_state.clone().and(authorization).map(
-        |state: Arc<AdminState>, auth: Option<HeaderValue>| match state.refuse(auth.as_ref()) {
-            None => Ok(state),
-            Some(refused) => Err(Box::new(refused)),
+    // Every operator call checks the token first, then what it needs.
+    let authorized = with_state.clone().and(authorization).and_then(
+        |state: Arc<AdminState>, auth: Option<HeaderValue>| async move {
+            state
+                .authorize(auth.as_ref())
+                .map(|()| state)
+                .map_err(warp::reject::custom)
         },
     );
     let reload = warp::path!("-" / "reload")
         .and(warp::post())
         .and(authorized.clone())
-        .then(|authorized: Authorized| async move {
-            let state = match authorized {
-                Ok(state) => state,
-                Err(refused) => return *refused,
-            };
+        .then(|state: Arc<AdminState>| async move {
             match state.reloader.reload(true).await {
                 Ok(Reloaded::Loaded { hash }) => json_reply(StatusCode::OK, &json!({ "result": "success", "hash": hash })),
                 Ok(Reloaded::Unchanged) => json_reply(StatusCode::OK, &json!({ "result": "unchanged" })),
@@ -130,20 +195,19 @@ pub fn routes(
                 ),
             }
         });
-    // The dead-letter calls also need the spool (durable mode).
-    let spooled = authorized.map(|authorized: Authorized| {
-        authorized.and_then(|state| state.queue.clone().ok_or_else(|| Box::new(no_spool())))
+    // The dead-letter calls also need the queue (durable mode).
+    let queued = authorized.and_then(|state: Arc<AdminState>| async move {
+        state
+            .queue
+            .clone()
+            .ok_or_else(|| warp::reject::custom(Refusal::NoQueue))
     });
     let dead_letters = warp::path!("admin" / "dead-letters");
     let list = dead_letters
         .and(warp::get())
-        .and(spooled.clone())
-        .and(warp::query::<ListQuery>())
-        .then(|spooled: Spooled, q: ListQuery| async move {
-            let d = match spooled {
-                Ok(d) => d,
-                Err(refused) => return *refused,
-            };
+        .and(queued.clone())
+        .and(query::<ListQuery>("destination, job_id, after, limit"))
+        .then(|d: Arc<dyn Queue>, q: ListQuery| async move {
             let filter = DeadFilter {
                 destination: q.destination,
                 job_id: q.job_id,
@@ -185,13 +249,9 @@ pub fn routes(
         });
     let replay = warp::path!("admin" / "dead-letters" / "replay")
         .and(warp::post())
-        .and(spooled.clone())
-        .and(warp::query::<ReplayQuery>())
-        .then(|spooled: Spooled, q: ReplayQuery| async move {
-            let d = match spooled {
-                Ok(d) => d,
-                Err(refused) => return *refused,
-            };
+        .and(queued.clone())
+        .and(query::<ReplayQuery>("destination, job_id, reroute"))
+        .then(|d: Arc<dyn Queue>, q: ReplayQuery| async move {
             let filter = DeadFilter {
                 destination: q.destination,
                 job_id: q.job_id,
@@ -206,29 +266,19 @@ pub fn routes(
         });
     let quarantine = warp::path!("admin" / "quarantine")
         .and(warp::get())
-        .and(spooled.clone())
-        .map(|spooled: Spooled| {
-            let d = match spooled {
-                Ok(d) => d,
-                Err(refused) => return *refused,
-            };
-            match d.quarantined() {
-                Ok(records) => json_reply(StatusCode::OK, &json!({ "quarantined": records })),
-                Err(e) => json_reply(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    &json!({ "error": e.to_string() }),
-                ),
-            }
+        .and(queued.clone())
+        .map(|d: Arc<dyn Queue>| match d.quarantined() {
+            Ok(records) => json_reply(StatusCode::OK, &json!({ "quarantined": records })),
+            Err(e) => json_reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &json!({ "error": e.to_string() }),
+            ),
         });
     let purge = dead_letters
         .and(warp::delete())
-        .and(spooled)
-        .and(warp::query::<FilterQuery>())
-        .then(|spooled: Spooled, q: FilterQuery| async move {
-            let d = match spooled {
-                Ok(d) => d,
-                Err(refused) => return *refused,
-            };
+        .and(queued)
+        .and(query::<FilterQuery>("destination, job_id, all"))
+        .then(|d: Arc<dyn Queue>, q: FilterQuery| async move {
             if !q.all && q.destination.is_none() && q.job_id.is_none() {
                 return json_reply(
                     StatusCode::BAD_REQUEST,
@@ -255,13 +305,9 @@ pub fn routes(
         .unify()
         .or(quarantine)
         .unify()
+        .recover(recover)
+        .unify()
 }
-
-/// The admin state for a request with a valid token, else the refusal.
-type Authorized = Result<Arc<AdminState>, Box<Response>>;
-
-/// As [`Authorized`], for a call that also needs the spool.
-type Spooled = Result<Arc<dyn Queue>, Box<Response>>;
 
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -299,11 +345,4 @@ impl FilterQuery {
             job_id: self.job_id.clone(),
         }
     }
-}
-
-fn no_spool() -> Response {
-    json_reply(
-        StatusCode::CONFLICT,
-        &json!({ "error": "delivery.mode is \"direct\": there is no spool and no dead letters" }),
-    )
 }

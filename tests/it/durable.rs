@@ -201,6 +201,18 @@ async fn refused_jobs_become_dead_letters_and_replay(backend: Backend) {
     assert_eq!(refused.status(), 401, "replay without the token");
     let (status, _) = gw.admin(Method::GET, "/admin/dead-letters", "guess").await;
     assert_eq!(status, 401, "listing with a wrong token");
+    // A misspelt parameter is named, with what the call takes; the token
+    // is checked first.
+    let misspelt = "/admin/dead-letters?destinaton=down";
+    let (status, body) = gw.admin(Method::GET, misspelt, TOKEN).await;
+    assert_eq!(status, 400, "{body}");
+    let error = body["error"].as_str().unwrap();
+    assert!(
+        error.contains("destinaton") && error.contains("destination, job_id, after, limit"),
+        "{error}"
+    );
+    let (status, _) = gw.admin(Method::GET, misspelt, "guess").await;
+    assert_eq!(status, 401);
     assert_eq!(
         gw.metrics()
             .await
