@@ -19,8 +19,11 @@
 //!   [`delivery::schedule`] and [`delivery::backoff`] decide when to retry
 //!   and when to give up (pure); [`delivery::attempt`] makes and classifies
 //!   one attempt with [`delivery::client`] (hyper under a per-origin pool).
-//! - [`queue`]: what was accepted and is not yet delivered:
-//!   [`queue::embedded`], the crash-safe spool (redb, group commit).
+//! - [`queue`]: what was accepted and is not yet delivered, behind one
+//!   interface ([`queue::Queue`]) with two backends: [`queue::embedded`],
+//!   the crash-safe spool of one process (redb, group commit), delivered
+//!   by [`delivery::lanes`]; and [`queue::nats`], NATS JetStream shared by
+//!   every replica, delivered by [`delivery::pull`].
 //! - [`metrics`]: the Prometheus registry everything above reports to;
 //!   [`throttle`]: rate-limited log lines for warnings that come in bursts.
 //! - [`rules`]: pure routing, a job and its query in, a
@@ -32,7 +35,7 @@
 //!   result from it without copying; [`webhook::query`] holds the
 //!   customer's callback query parameters.
 //! - [`config`]: the gateway file (defaults ← TOML ← `HOOKGATE_` env), typed
-//!   and checked once.
+//!   and checked once; [`suggest`]: "did you mean" for misspelt names.
 //!
 //! [`run`] wires them together; `main.rs` only parses the command line.
 
@@ -43,6 +46,7 @@ pub mod metrics;
 pub mod ops;
 pub mod queue;
 pub mod rules;
+pub mod suggest;
 pub mod throttle;
 pub mod tools;
 pub mod transport;

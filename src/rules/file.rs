@@ -277,7 +277,10 @@ impl RuleSet {
                             Some(i) => targets.push(i),
                             None => problems.push(rule_problem(
                                 &format!("\"{name}\""),
-                                format!("forwards to {name:?}, which is not defined under [destinations]"),
+                                format!(
+                                    "forwards to {name:?}, which is not defined under [destinations]{}",
+                                    crate::suggest::hint(name, destinations.iter().map(|d| d.name.as_str())),
+                                ),
                             )),
                         }
                     }

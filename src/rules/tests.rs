@@ -365,3 +365,27 @@ fn a_file_without_rules_is_refused() {
         assert!(problems[0].message.contains(want), "{text:?}: {problems:?}");
     }
 }
+
+#[test]
+fn an_undefined_destination_gets_the_closest_name() {
+    let rules = |forward: &str| {
+        format!(
+            "[destinations.high]\nurl = \"http://a/\"\n[destinations.archive]\nurl = \"http://b/\"\n\
+             [[rules]]\nname = \"r\"\nforward = [\"{forward}\"]\n"
+        )
+    };
+    let cases = [
+        ("hihg", Some("(did you mean \"high\"?)")),
+        ("archve", Some("(did you mean \"archive\"?)")),
+        ("elsewhere", None),
+    ];
+    for (forward, hint) in cases {
+        let problems = RuleSet::parse(&rules(forward)).unwrap_err();
+        let message = &problems[0].message;
+        assert!(message.contains("which is not defined"), "{message}");
+        match hint {
+            Some(hint) => assert!(message.ends_with(hint), "{message}"),
+            None => assert!(!message.contains("did you mean"), "{message}"),
+        }
+    }
+}
