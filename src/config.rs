@@ -370,6 +370,10 @@ impl Default for LogConfig {
 pub enum ConfigError {
     #[error("{path}: {message}")]
     Invalid { path: String, message: String },
+    /// Every problem found, each `file:line: what` (or the environment
+    /// variable's name), one per line.
+    #[error("{}", .0.join("\n"))]
+    Problems(Vec<String>),
     #[error("{path}: verify.secrets[{index}] ({name:?}): {message}")]
     Secret {
         path: String,
@@ -390,21 +394,36 @@ impl Config {
                 "the config file does not exist or is not a file".into(),
             ));
         }
-        let mut config: Config = Figment::new()
-            .merge(Toml::file_exact(path))
-            .merge(
-                Env::prefixed("HOOKGATE_")
-                    .filter(|key| key.as_str().contains("__"))
-                    .split("__"),
-            )
-            .extract()
-            .map_err(|e| invalid(one_line(&e)))?;
+        let text = std::fs::read_to_string(path).map_err(|e| invalid(e.to_string()))?;
+        let mut config = extract(path, &text)?;
         config.source = path.to_owned();
-        config.validate().map_err(invalid)?;
+        let problems = config.validate();
+        if !problems.is_empty() {
+            let file = path.display();
+            // Each message starts with the key it is about.
+            let at = |problem: &str| {
+                let key: Vec<String> = problem
+                    .split([' ', ':', '['])
+                    .next()
+                    .unwrap_or_default()
+                    .split('.')
+                    .map(str::to_owned)
+                    .collect();
+                match line_of_key(&text, &key) {
+                    0 => format!("{file}: {problem}"),
+                    line => format!("{file}:{line}: {problem}"),
+                }
+            };
+            return Err(ConfigError::Problems(
+                problems.iter().map(|p| at(p)).collect(),
+            ));
+        }
         Ok(config)
     }
 
-    fn validate(&self) -> Result<(), String> {
+    /// Every problem of a config that parsed.
+    fn validate(&self) -> Vec<String> {
+        let mut problems = Vec::new();
         let d = &self.delivery;
         let checks: &[(bool, &str)] = &[
             (
@@ -484,26 +503,27 @@ impl Config {
                 "rules.reload_interval must be more than 0s",
             ),
         ];
-        for (ok, message) in checks {
-            if !ok {
-                return Err((*message).into());
-            }
-        }
+        problems.extend(
+            checks
+                .iter()
+                .filter(|(ok, _)| !ok)
+                .map(|(_, m)| (*m).to_owned()),
+        );
         for (i, s) in self.verify.secrets.iter().enumerate() {
             if s.env.is_some() == s.file.is_some() {
-                return Err(format!(
+                problems.push(format!(
                     "verify.secrets[{i}] ({:?}) must have exactly one of `env` or `file`",
                     s.name
                 ));
             }
             if self.verify.secrets[..i].iter().any(|o| o.name == s.name) {
-                return Err(format!(
+                problems.push(format!(
                     "verify.secrets[{i}]: the name {:?} is used twice",
                     s.name
                 ));
             }
         }
-        Ok(())
+        problems
     }
 
     /// The rules file, relative to the config file's directory.
@@ -621,8 +641,131 @@ impl Config {
 }
 
 /// figment's messages can span lines; the CLI prints one.
-fn one_line(e: &figment::Error) -> String {
-    e.to_string().lines().collect::<Vec<_>>().join("; ")
+/// The config from the file's `text` and the `HOOKGATE_` variables, or
+/// every problem: a key the file may not hold is reported, taken out, and
+/// the rest read again, so one run names them all (a variable's problem
+/// ends the search: it cannot be taken out of the file).
+fn extract(path: &Path, text: &str) -> Result<Config, ConfigError> {
+    let file = path.display();
+    let mut doc: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+        let line = e.span().map_or(0, |s| line_of_offset(text, s.start));
+        let message = e.message().lines().collect::<Vec<_>>().join("; ");
+        ConfigError::Problems(vec![format!("{file}:{line}: {message}")])
+    })?;
+    let mut problems = Vec::new();
+    loop {
+        let source = toml::to_string(&doc).unwrap_or_default();
+        let extracted = Figment::new()
+            .merge(Toml::string(&source))
+            .merge(
+                Env::prefixed("HOOKGATE_")
+                    .filter(|key| key.as_str().contains("__"))
+                    .split("__"),
+            )
+            .extract::<Config>();
+        let e = match extracted {
+            Ok(config) if problems.is_empty() => return Ok(config),
+            Ok(_) => return Err(ConfigError::Problems(problems)),
+            Err(e) => e,
+        };
+        let key: Vec<String> = e.path.iter().map(|k| k.to_lowercase()).collect();
+        let from_env = e
+            .metadata
+            .as_ref()
+            .is_some_and(|m| m.name.contains("environment"));
+        let at = if from_env {
+            format!("HOOKGATE_{}", key.join("__").to_uppercase())
+        } else {
+            format!("{file}:{}", line_of_key(text, &key))
+        };
+        problems.push(format!("{at}: {}", describe(&e.kind, &key)));
+        if from_env || problems.len() >= 20 || !remove(&mut doc, &key) {
+            return Err(ConfigError::Problems(problems));
+        }
+    }
+}
+
+/// What is wrong with `key`, in an operator's words.
+fn describe(kind: &figment::error::Kind, key: &[String]) -> String {
+    use figment::error::Kind;
+    let dotted = key.join(".");
+    match kind {
+        Kind::UnknownField(field, expected) => format!(
+            "unknown key {dotted}{}",
+            crate::suggest::hint(&field.to_lowercase(), expected.iter().copied())
+        ),
+        Kind::UnknownVariant(value, expected) => format!(
+            "{dotted}: {value:?} is not one of {}{}",
+            expected.join(", "),
+            crate::suggest::hint(value, expected.iter().copied())
+        ),
+        Kind::InvalidType(actual, expected) if expected.contains("duration") => {
+            format!(
+                "{dotted}: found {actual}, expected a duration (write a unit: \"5s\", \"250ms\", \"2m\")"
+            )
+        }
+        Kind::InvalidType(actual, expected) => {
+            format!("{dotted}: found {actual}, expected {expected}")
+        }
+        other => format!("{dotted}: {other}"),
+    }
+}
+
+/// Takes `key` out of the document (to look for more problems).
+fn remove(doc: &mut toml::Table, key: &[String]) -> bool {
+    let Some((last, parents)) = key.split_last() else {
+        return false;
+    };
+    let mut table = doc;
+    for k in parents {
+        match table.get_mut(k) {
+            Some(toml::Value::Table(t)) => table = t,
+            _ => return false,
+        }
+    }
+    table.remove(last).is_some()
+}
+
+/// The line (from 1) where `key` is set in the TOML `text`: under its
+/// table's header (`[a.b]` then `c =`), or written out whole (`a.b.c =`,
+/// or inside an inline table); 0 if not found.
+fn line_of_key(text: &str, key: &[String]) -> usize {
+    let Some((last, parents)) = key.split_last() else {
+        return 0;
+    };
+    let header = parents.join(".");
+    let mut table = String::new();
+    let mut fallback = 0;
+    for (i, line) in text.lines().enumerate() {
+        let trimmed = line.trim();
+        if let Some(name) = trimmed.strip_prefix('[').and_then(|t| t.split(']').next()) {
+            table = name.trim().trim_start_matches('[').to_owned();
+            continue;
+        }
+        let Some((left, _)) = trimmed.split_once('=') else {
+            continue;
+        };
+        let left = left.trim();
+        let full = if table.is_empty() {
+            left.to_owned()
+        } else {
+            format!("{table}.{left}")
+        };
+        if full == key.join(".") || (table == header && left == last) {
+            return i + 1;
+        }
+        if fallback == 0
+            && line.contains(last.as_str())
+            && (parents.is_empty() || line.contains(&header) || table.starts_with(&header))
+        {
+            fallback = i + 1;
+        }
+    }
+    fallback
+}
+
+fn line_of_offset(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
 }
 
 /// A size such as `1048576`, `"512KiB"`, `"10MB"` or `"1GiB"`.

@@ -140,7 +140,9 @@ fn main() -> ExitCode {
         }),
     };
     result.unwrap_or_else(|e| {
-        eprintln!("error: {e:#}");
+        for line in format!("{e:#}").lines() {
+            eprintln!("error: {line}");
+        }
         ExitCode::FAILURE
     })
 }

@@ -30,7 +30,11 @@ pub fn check(config_path: &Path) -> ExitCode {
     let config = match Config::load(config_path) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("error: {e}");
+            let text = e.to_string();
+            for line in text.lines() {
+                eprintln!("error: {line}");
+            }
+            println!("{} errors, {warnings} warnings", text.lines().count());
             return ExitCode::FAILURE;
         }
     };

@@ -388,3 +388,65 @@ fn help_describes_every_argument() {
         );
     }
 }
+
+/// `check` names each problem of the config file with its line, or the
+/// environment variable it came from, and suggests the key meant.
+#[test]
+fn config_problems_name_their_line_or_variable() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("rules.toml"),
+        GatewayBuilder::forward_all_rules("http://127.0.0.1:1/"),
+    )
+    .unwrap();
+    let file = dir.path().join("hookgate.toml");
+    let config = "[verify]\nrequired = false\n\n[server]\nlisten = \"127.0.0.1:8080\"\n\
+                  max_body_byte = 5\n[delivery]\ntimout = \"5s\"\nmode = \"durabel\"\n";
+    let valid = "[verify]\nrequired = false\n";
+    let cases: &[(&str, &[(&str, &str)], &[&str])] = &[
+        (
+            config,
+            &[],
+            &[
+                "hookgate.toml:6: unknown key server.max_body_byte (did you mean \"max_body_bytes\"?)",
+                "hookgate.toml:8: unknown key delivery.timout (did you mean \"timeout\"?)",
+                "hookgate.toml:9: delivery.mode: \"durabel\" is not one of durable, direct (did you mean \"durable\"?)",
+            ],
+        ),
+        (
+            valid,
+            &[("HOOKGATE_DELIVERY__TIMOUT", "5s")],
+            &["HOOKGATE_DELIVERY__TIMOUT: unknown key delivery.timout (did you mean \"timeout\"?)"],
+        ),
+        (
+            valid,
+            &[("HOOKGATE_DELIVERY__TIMEOUT", "5")],
+            &[
+                "HOOKGATE_DELIVERY__TIMEOUT: delivery.timeout: found unsigned int `5`, expected a duration (write a unit: \"5s\"",
+            ],
+        ),
+    ];
+    for (text, envs, want) in cases {
+        std::fs::write(&file, text).unwrap();
+        let out = hookgate()
+            .arg("check")
+            .arg("--config")
+            .arg(&file)
+            .envs(envs.iter().copied())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let errors: Vec<&str> = stderr
+            .lines()
+            .filter_map(|l| l.strip_prefix("error: "))
+            .collect();
+        assert_eq!(errors.len(), want.len(), "{stderr}");
+        for w in *want {
+            assert!(
+                errors.iter().any(|e| e.contains(w)),
+                "{w:?} not in {stderr}"
+            );
+        }
+    }
+}
