@@ -403,7 +403,9 @@ fn config_problems_name_their_line_or_variable() {
     let config = "[verify]\nrequired = false\n\n[server]\nlisten = \"127.0.0.1:8080\"\n\
                   max_body_byte = 5\n[delivery]\ntimout = \"5s\"\nmode = \"durabel\"\n";
     let valid = "[verify]\nrequired = false\n";
-    let cases: &[(&str, &[(&str, &str)], &[&str])] = &[
+    // (the file, the environment, the errors expected)
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a [&'a str]);
+    let cases: &[Case] = &[
         (
             config,
             &[],
