@@ -58,7 +58,7 @@ impl Delivery {
 
     /// Every forwarded request carries the original body and signature,
     /// the rule that sent it and the job id, after the configured headers.
-    pub fn build(
+    pub(crate) fn build(
         destination: &Destination,
         url: Uri,
         configured: impl Iterator<Item = (HeaderName, HeaderValue)>,

@@ -103,9 +103,11 @@ impl<'a> Job<'a> {
         Self::from_bytes(verified.body())
     }
 
-    /// For tools that read a payload from a file (`route`, `test`): they
-    /// decide where a job would go, they never forward it.
-    pub fn from_bytes(raw: &'a [u8]) -> Result<Self, JobError> {
+    /// Within the crate only: for the tools that read a payload from a
+    /// file (`route`, `test`: they decide where a job would go, they never
+    /// forward it), and for stored jobs (verified when accepted). Anything
+    /// else goes through [`Job::parse`] and a [`Verified`] body.
+    pub(crate) fn from_bytes(raw: &'a [u8]) -> Result<Self, JobError> {
         let wire: Wire<'a> = serde_json::from_slice(raw)?;
         let fields = match wire.data {
             Some(data) => data,

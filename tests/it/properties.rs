@@ -17,6 +17,13 @@ fn header(s: &str) -> http::HeaderValue {
     http::HeaderValue::from_str(s).unwrap()
 }
 
+/// A body taken as verified, as with no secret configured.
+fn unchecked(body: Vec<u8>) -> hookgate::webhook::verify::Verified {
+    hookgate::webhook::verify::Verifier::new(Vec::new())
+        .verify(body.into(), None)
+        .unwrap()
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
 
@@ -49,7 +56,8 @@ proptest! {
     fn arbitrary_headers_never_panic(raw in proptest::collection::vec(any::<u8>(), 0..128)) {
         let v = Verifier::new(vec![Secret::new("k", b"key")]);
         if let Ok(h) = http::HeaderValue::from_bytes(&raw) {
-            let _ = v.verify(Bytes::from_static(b"{}"), Some(&h));
+            // Refused (not a panic): 128 random bytes are not the digest.
+            prop_assert!(v.verify(Bytes::from_static(b"{}"), Some(&h)).is_err());
         }
     }
 }
@@ -106,7 +114,8 @@ proptest! {
     fn the_rules_engine_never_panics_on_arbitrary_json(value in json_value(), query in "[a-z=&%0-9]{0,24}") {
         let rules = shipped_rules();
         let body = serde_json::to_vec(&value).unwrap();
-        if let Ok(job) = Job::from_bytes(&body) {
+        let verified = unchecked(body);
+        if let Ok(job) = Job::parse(&verified) {
             let q = Query::new(Some(&query), job.callback_url.as_deref());
             let input = Input { job: &job, query: &q };
             let decision = rules.decide(input);
@@ -118,15 +127,76 @@ proptest! {
 
     #[test]
     fn arbitrary_bytes_are_a_job_or_an_error(body in proptest::collection::vec(any::<u8>(), 0..512)) {
-        let _ = Job::from_bytes(&body);
+        let verified = unchecked(body);
+        // A job that parses has an id that can key the dedupe index and
+        // travel in a header.
+        if let Ok(job) = Job::parse(&verified) {
+            prop_assert!((1..=hookgate::webhook::job::MAX_JOB_ID_LEN).contains(&job.job_id.len()));
+            prop_assert!(job.job_id.bytes().all(|b| b.is_ascii_graphic() || b == b' '));
+        }
     }
 
     #[test]
-    fn arbitrary_rules_files_load_or_explain(text in "\\PC{0,256}") {
-        if let Err(problems) = RuleSet::parse(&text) {
-            prop_assert!(!problems.is_empty());
+    fn a_rules_file_loads_exactly_when_it_is_valid(file in rules_file()) {
+        let (text, valid) = file;
+        let lines = text.lines().count();
+        match RuleSet::parse(&text) {
+            Ok(_) => prop_assert!(valid, "loaded although invalid:\n{text}"),
+            Err(problems) => {
+                prop_assert!(!valid, "refused although valid: {problems:?}\n{text}");
+                for p in &problems {
+                    prop_assert!((1..=lines).contains(&p.line), "{p:?} outside the file:\n{text}");
+                }
+            }
         }
     }
+}
+
+/// A rules file built from parts, some of them wrong (an ftp URL, a
+/// destination that is not defined, a risk level that does not exist), and
+/// whether it is valid.
+fn rules_file() -> impl Strategy<Value = (String, bool)> {
+    let rule = (
+        proptest::collection::btree_set(0usize..5, 1..3),
+        prop_oneof![
+            Just(None),
+            Just(Some("LOW")),
+            Just(Some("HIGH")),
+            Just(Some("SEVERE"))
+        ],
+    );
+    (
+        proptest::collection::btree_map(0usize..4, any::<bool>(), 1..4),
+        proptest::collection::vec(rule, 1..4),
+    )
+        .prop_map(|(destinations, rules)| {
+            let names = ["a", "b", "c", "d", "e"];
+            let mut text = String::new();
+            let mut valid = true;
+            for (&d, &good_url) in &destinations {
+                let url = if good_url {
+                    "http://127.0.0.1:9/x"
+                } else {
+                    "ftp://127.0.0.1/x"
+                };
+                valid &= good_url;
+                text += &format!("[destinations.{}]\nurl = \"{url}\"\n\n", names[d]);
+            }
+            for (i, (targets, risk)) in rules.iter().enumerate() {
+                text += &format!("[[rules]]\nname = \"r{i}\"\n");
+                if let Some(risk) = risk {
+                    valid &= *risk != "SEVERE";
+                    text += &format!("match = {{ min_risk = \"{risk}\" }}\n");
+                }
+                let forward: Vec<String> = targets
+                    .iter()
+                    .map(|&t| format!("\"{}\"", names[t]))
+                    .collect();
+                valid &= targets.iter().all(|t| destinations.contains_key(t));
+                text += &format!("forward = [{}]\n\n", forward.join(", "));
+            }
+            (text, valid)
+        })
 }
 
 #[derive(Debug, Clone)]
