@@ -75,6 +75,7 @@ fn big_job(id: &str) -> Vec<u8> {
 /// on from what is on disk. Once the disk grows the spool writes again by
 /// itself, and nothing answered 202 is lost or delivered twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root, to mount a small tmpfs; CI runs it"]
 async fn a_full_disk_refuses_at_once_and_recovers_by_itself() {
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let (dir, path) = durable(&format!("http://{addr}/hook")).write();

@@ -209,6 +209,7 @@ fn new_job(id: &str, destinations: &[&str]) -> NewJob {
 /// Accepted once per job id on an R3 stream; the same id again, within
 /// the window, is a duplicate and stores nothing.
 #[tokio::test]
+#[ignore = "needs nats-server (apt-get install nats-server); CI runs it"]
 async fn a_job_is_stored_once_per_id_on_three_replicas() {
     if !nats_server() {
         return;
@@ -236,6 +237,7 @@ async fn a_job_is_stored_once_per_id_on_three_replicas() {
 /// once, and one that failed is retried after its backoff by whichever
 /// replica JetStream hands it to.
 #[tokio::test]
+#[ignore = "needs nats-server (apt-get install nats-server); CI runs it"]
 async fn two_replicas_share_the_deliveries() {
     if !nats_server() {
         return;
@@ -303,6 +305,7 @@ async fn two_replicas_share_the_deliveries() {
 /// Two gateway processes on one JetStream: each accepts, the same job id
 /// sent to both is delivered once, and every job arrives.
 #[tokio::test]
+#[ignore = "needs nats-server (apt-get install nats-server); CI runs it"]
 async fn two_gateways_share_one_queue() {
     if !nats_server() {
         return;
@@ -364,6 +367,7 @@ async fn two_gateways_share_one_queue() {
 /// servers back, intake resumes without restarting the gateway, and what
 /// was accepted before is delivered.
 #[tokio::test]
+#[ignore = "needs nats-server (apt-get install nats-server); CI runs it"]
 async fn nats_down_refuses_then_resumes() {
     if !nats_server() {
         return;
@@ -455,6 +459,7 @@ struct Phase {
 /// brought back before the next fault: every job answered 202 is delivered
 /// at least once; refusals and duplicates are counted and reported.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs nats-server (apt-get install nats-server); CI runs it"]
 async fn kill_9_replicas_and_nats_servers_under_load() {
     if !nats_server() {
         return;
@@ -608,6 +613,7 @@ async fn kill_9_replicas_and_nats_servers_under_load() {
 /// their reason, replayed to the destination as the rules now define it,
 /// purged.
 #[tokio::test]
+#[ignore = "needs nats-server (apt-get install nats-server); CI runs it"]
 async fn dead_letters_list_replay_and_purge_on_jetstream() {
     if !nats_server() {
         return;
@@ -684,6 +690,7 @@ async fn dead_letters_list_replay_and_purge_on_jetstream() {
 /// A server that requires a token: the token is read from the file the
 /// config names, and the queue works.
 #[tokio::test]
+#[ignore = "needs nats-server (apt-get install nats-server); CI runs it"]
 async fn a_token_from_a_file_is_used() {
     if !nats_server() {
         return;
@@ -731,6 +738,7 @@ async fn a_token_from_a_file_is_used() {
 /// nonce with the seed in `nkey_file`; a server requiring all of that takes
 /// its webhooks. Without the client certificate, the connection fails.
 #[tokio::test]
+#[ignore = "needs nats-server (apt-get install nats-server); CI runs it"]
 async fn mutual_tls_and_an_nkey() {
     if !nats_server() {
         return;
@@ -828,6 +836,7 @@ async fn mutual_tls_and_an_nkey() {
 /// that never answers: two attempts are in flight across both replicas,
 /// not two each.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs nats-server (apt-get install nats-server); CI runs it"]
 async fn a_destinations_concurrency_holds_across_replicas() {
     let Some(backend) = Backend::nats().await else {
         return;
@@ -863,6 +872,7 @@ async fn a_destinations_concurrency_holds_across_replicas() {
 /// stops for good; when the destination returns, the other delivers all of
 /// it, whichever replica accepted each job.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs nats-server (apt-get install nats-server); CI runs it"]
 async fn the_backlog_is_delivered_by_whichever_replica_is_up() {
     let Some(backend) = Backend::nats().await else {
         return;

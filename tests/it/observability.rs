@@ -67,8 +67,9 @@ async fn durable_on(rules: String, backend: &Backend) -> TestGateway {
         .await
 }
 
+on_both_backends!(every_metric_in_the_dashboard_and_alerts_is_exported);
 on_both_backends!(
-    every_metric_in_the_dashboard_and_alerts_is_exported,
+    needs prometheus;
     promtool_accepts_the_exposition_and_the_rules,
     every_panel_evaluates_on_a_real_prometheus,
 );
@@ -163,6 +164,7 @@ async fn promtool_accepts_the_exposition_and_the_rules(backend: Backend) {
 }
 
 #[test]
+#[ignore = "needs promtool (apt-get install prometheus); CI runs it"]
 fn alert_unit_tests_pass() {
     let Some(promtool) = tool("promtool") else {
         return;

@@ -314,8 +314,10 @@ fn merge(config: &mut toml::Table, extra: toml::Table) {
     }
 }
 
-/// A program from a Debian package the tests run for real. CI installs it
-/// (.ci/run) and requires it; elsewhere the test says it is skipped.
+/// A program from a Debian package the tests run for real. Tests that need
+/// one are `#[ignore]`d with the reason (shown as skipped by `cargo test`);
+/// CI installs it and runs them (`--include-ignored`), and requires it.
+/// Run by hand without it, such a test says so and returns.
 pub fn tool(name: &str, package: &str) -> Option<PathBuf> {
     let found = std::env::var_os("PATH")
         .into_iter()
@@ -361,8 +363,27 @@ impl Backend {
 }
 
 /// Runs each named `async fn(Backend)` as two tests, `NAME::embedded` and
-/// `NAME::nats`.
+/// `NAME::nats`. The `nats` one needs `nats-server`: it is `#[ignore]`d
+/// with that reason, so that `cargo test` shows it skipped, and CI (which
+/// installs it) runs it with `--include-ignored`. With `needs prometheus;`
+/// first, both need the `prometheus` package as well.
 macro_rules! on_both_backends {
+    (needs prometheus; $($name:ident),* $(,)?) => {
+        $(mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            #[ignore = "needs prometheus (apt-get install prometheus); CI runs it"]
+            async fn embedded() {
+                super::$name(crate::support::Backend::Embedded).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            #[ignore = "needs prometheus and nats-server (apt-get install prometheus nats-server); CI runs it"]
+            async fn nats() {
+                if let Some(backend) = crate::support::Backend::nats().await {
+                    super::$name(backend).await
+                }
+            }
+        })*
+    };
     ($($name:ident),* $(,)?) => {
         $(mod $name {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -370,6 +391,7 @@ macro_rules! on_both_backends {
                 super::$name(crate::support::Backend::Embedded).await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            #[ignore = "needs nats-server (apt-get install nats-server); CI runs it"]
             async fn nats() {
                 if let Some(backend) = crate::support::Backend::nats().await {
                     super::$name(backend).await
