@@ -3,9 +3,14 @@
 
 - every built-in resource validates against the Kubernetes schemas
   (kubernetes-validate, strict: unknown fields are errors);
-- the kustomization lists every manifest in this directory;
-- the PrometheusRule's groups are exactly dashboards/alerts.yml's;
-- the ConfigMap's hookgate.toml and rules.toml pass `hookgate check`;
+- base/kustomization.yaml lists every manifest in base/;
+- the monitoring component's PrometheusRule groups are exactly
+  dashboards/alerts.yml's, and its PodMonitor selects the pods;
+- base/hookgate.toml and base/rules.toml (the ConfigMap's files) pass
+  `hookgate check`;
+- built with `kubectl kustomize` where kubectl is installed (otherwise
+  reported as skipped), the base's generated ConfigMap and Secret validate
+  too (from secrets.env.example when secrets.env is absent);
 - the termination grace period covers the preStop sleep plus
   shutdown.grace;
 - the JetStream overlay (jetstream/, built with `kubectl kustomize` where
@@ -29,6 +34,7 @@ import yaml
 KUBERNETES = "1.33.0"
 KUBERNETES_DIR = pathlib.Path(__file__).resolve().parent
 HERE = KUBERNETES_DIR / "base"
+MONITORING = KUBERNETES_DIR / "components" / "monitoring"
 ROOT = KUBERNETES_DIR.parent.parent
 CRDS = {"PodMonitor", "PrometheusRule"}
 
@@ -48,10 +54,12 @@ def main(hookgate):
         fail(f"kustomization.yaml lists {sorted(listed)}, the directory has {sorted(present)}")
 
     docs = {}
-    for name in sorted(listed):
-        for doc in yaml.safe_load_all((HERE / name).read_text()):
+    files = [HERE / name for name in sorted(listed)] + sorted(MONITORING.glob("*.yaml"))
+    for path in files:
+        name = path.relative_to(KUBERNETES_DIR)
+        for doc in yaml.safe_load_all(path.read_text()):
             docs[doc["kind"]] = doc
-            if doc["kind"] in CRDS:
+            if doc["kind"] in CRDS | {"Component"}:
                 continue
             try:
                 kubernetes_validate.validate(doc, KUBERNETES, strict=True)
@@ -70,8 +78,8 @@ def main(hookgate):
     if not monitor["spec"]["selector"]["matchLabels"].items() <= pod_labels.items():
         fail("podmonitor.yaml: its selector does not select the Deployment's pods")
 
-    config = docs["ConfigMap"]["data"]
-    check_config(hookgate, "configmap.yaml", config)
+    config = {name: (HERE / name).read_text() for name in ("hookgate.toml", "rules.toml")}
+    check_config(hookgate, "base/hookgate.toml", config)
 
     gateway = tomllib.loads(config["hookgate.toml"])
     grace = gateway["shutdown"]["grace"]
@@ -88,6 +96,15 @@ def main(hookgate):
     if any(security.get(k) != v for k, v in expected.items()) or security["capabilities"]["drop"] != ["ALL"]:
         fail("deployment.yaml: the hookgate container's securityContext is not restrictive")
 
+    built = build("")
+    if built is not None:
+        for doc in built:
+            if doc["kind"] in ("ConfigMap", "Secret"):
+                try:
+                    kubernetes_validate.validate(doc, KUBERNETES, strict=True)
+                    print(f"ok   generated {doc['kind']} {doc['metadata']['name']} (strict)")
+                except kubernetes_validate.ValidationError as e:
+                    fail(f"generated {doc['kind']}: {e.message}")
     check_overlay(hookgate)
 
     if failures:
@@ -113,21 +130,39 @@ def check_config(hookgate, what, files):
             print(f"ok   {what} passes hookgate check")
 
 
+def build(directory):
+    """`kubectl kustomize` of a directory under deploy/kubernetes, as
+    documents; None (reported) without kubectl or on failure. The example
+    secrets stand in for secrets.env while building, if it is absent."""
+    if shutil.which("kubectl") is None:
+        print(f"SKIP kustomize build of {directory or '.'}: kubectl is not installed")
+        return None
+    secrets = HERE / "secrets.env"
+    made = not secrets.exists()
+    if made:
+        shutil.copy(HERE / "secrets.env.example", secrets)
+    try:
+        out = subprocess.run(
+            ["kubectl", "kustomize", str(KUBERNETES_DIR / directory)],
+            capture_output=True,
+            text=True,
+        )
+    finally:
+        if made:
+            secrets.unlink()
+    if out.returncode != 0:
+        fail(f"{directory or '.'}: kubectl kustomize failed: {out.stderr}")
+        return None
+    return list(yaml.safe_load_all(out.stdout))
+
+
 def check_overlay(hookgate):
     """The JetStream overlay, as kustomize builds it."""
-    if shutil.which("kubectl") is None:
-        print("SKIP jetstream/: kubectl (for `kubectl kustomize`) is not installed")
-        return
-    built = subprocess.run(
-        ["kubectl", "kustomize", str(KUBERNETES_DIR / "jetstream")],
-        capture_output=True,
-        text=True,
-    )
-    if built.returncode != 0:
-        fail(f"jetstream/: kubectl kustomize failed: {built.stderr}")
+    built = build("jetstream")
+    if built is None:
         return
     docs = {}
-    for doc in yaml.safe_load_all(built.stdout):
+    for doc in built:
         docs[doc["kind"]] = doc
         if doc["kind"] in CRDS:
             continue
