@@ -94,14 +94,89 @@ pub enum Error {
     Thread(std::io::Error),
 }
 
-/// Runs the gateway until `shutdown` is cancelled, then drains: readiness
-/// turns 503, new webhooks get 503, webhooks in flight finish (for up to
-/// `shutdown.grace`), and the function returns.
+/// Runs the gateway until `shutdown` is cancelled, then drains within
+/// `shutdown.grace` (see [`Running::shutdown`]).
 pub async fn run(
     config: Config,
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
+    let grace = config.shutdown.grace;
+    let running = start(config, listeners).await?;
+    shutdown.cancelled().await;
+    running.shutdown(grace).await;
+    Ok(())
+}
+
+/// A gateway that serves: both ports, the delivery of what it accepted,
+/// the rules and secrets reloaded. [`Running::shutdown`] stops it.
+pub struct Running {
+    webhook: std::net::SocketAddr,
+    admin: std::net::SocketAddr,
+    /// Turns readiness 503 and refuses new webhooks.
+    draining: CancellationToken,
+    /// Webhooks being received or answered.
+    in_flight: TaskTracker,
+    /// The embedded spool's delivery lanes, or the JetStream workers.
+    lanes: Option<Arc<Lanes>>,
+    nats: Option<Arc<delivery::pull::Workers>>,
+    /// Stops the servers and the reloader.
+    stop: CancellationToken,
+    servers: [tokio::task::JoinHandle<()>; 2],
+    /// What closing open connections may take once nothing is in flight.
+    close_grace: std::time::Duration,
+}
+
+impl Running {
+    /// Where webhooks are taken.
+    pub fn webhook_addr(&self) -> std::net::SocketAddr {
+        self.webhook
+    }
+
+    /// The admin port.
+    pub fn admin_addr(&self) -> std::net::SocketAddr {
+        self.admin
+    }
+
+    /// Drains, as the kubelet's SIGTERM asks: readiness turns 503, new
+    /// webhooks get 503, webhooks in flight finish, deliveries in flight
+    /// finish or stay queued, all within `grace`; then the ports close.
+    pub async fn shutdown(self, grace: std::time::Duration) {
+        let deadline = tokio::time::Instant::now() + grace;
+        tracing::info!(grace = ?grace, "shutting down: refusing new webhooks, finishing those in flight");
+        self.draining.cancel();
+        self.in_flight.close();
+        if tokio::time::timeout_at(deadline, self.in_flight.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "webhooks still in flight after the grace period: their senders will retry"
+            );
+        }
+        let left = || {
+            deadline
+                .saturating_duration_since(tokio::time::Instant::now())
+                .saturating_sub(self.close_grace)
+        };
+        if let Some(lanes) = &self.lanes {
+            // Deliveries not finished by then stay pending in the spool.
+            lanes.shutdown(left()).await;
+        }
+        if let Some(workers) = &self.nats {
+            // Messages not acknowledged by then are handed out again.
+            workers.shutdown(left()).await;
+        }
+        self.stop.cancel();
+        let [webhook, admin] = self.servers;
+        let _ = tokio::join!(webhook, admin);
+        tracing::info!("stopped");
+    }
+}
+
+/// Starts the gateway on `listeners`: everything is serving when this
+/// returns.
+pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Error> {
     let admin_token = config.admin_token()?;
     let metrics = Arc::new(Metrics::new(&config.metrics.categories));
     let (secrets, verifier) = Secrets::start(config.clone(), metrics.clone())?;
@@ -161,16 +236,16 @@ pub async fn run(
         draining.clone(),
     );
 
+    let (webhook, admin) = (webhook_listener.local_addr()?, admin_listener.local_addr()?);
     tracing::info!(
-        webhook = %webhook_listener.local_addr()?,
-        admin = %admin_listener.local_addr()?,
+        %webhook,
+        %admin,
         path = %config.server.path,
         mode = ?config.delivery.mode,
         "hookgate listening"
     );
 
     let stop = CancellationToken::new();
-    let grace = config.shutdown.grace;
     // Once the webhooks in flight are done, open connections only need a
     // moment to be told to close.
     let close_grace = std::time::Duration::from_secs(1);
@@ -235,31 +310,17 @@ pub async fn run(
         stop.clone(),
     ));
 
-    shutdown.cancelled().await;
-    let deadline = tokio::time::Instant::now() + grace;
-    tracing::info!(grace = ?grace, "shutting down: refusing new webhooks, finishing those in flight");
-    draining.cancel();
-    in_flight.close();
-    if tokio::time::timeout_at(deadline, in_flight.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!("webhooks still in flight after the grace period: their senders will retry");
-    }
-    if let Some(lanes) = lanes {
-        // Deliveries not finished by then stay pending in the spool.
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        lanes.shutdown(left.saturating_sub(close_grace)).await;
-    }
-    if let Some(workers) = nats_workers {
-        // Messages not acknowledged by then are handed out again.
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        workers.shutdown(left.saturating_sub(close_grace)).await;
-    }
-    stop.cancel();
-    let _ = tokio::join!(webhook_server, admin_server);
-    tracing::info!("stopped");
-    Ok(())
+    Ok(Running {
+        webhook,
+        admin,
+        draining,
+        in_flight,
+        lanes,
+        nats: nats_workers,
+        stop,
+        servers: [webhook_server, admin_server],
+        close_grace,
+    })
 }
 
 /// A server thread could not start after the spool was opened: the

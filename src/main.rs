@@ -5,7 +5,6 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use hookgate::config::{Config, LogConfig, LogFormat};
-use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 /// A webhook forwarding gateway for content-moderation callbacks.
@@ -164,27 +163,29 @@ fn serve(config_path: PathBuf) -> anyhow::Result<ExitCode> {
     };
     let runtime = runtime()?;
     runtime.block_on(async {
-        let shutdown = CancellationToken::new();
-        tokio::spawn(on_signal(shutdown.clone()));
-        hookgate::run(config, listeners, shutdown).await
+        let grace = config.shutdown.grace;
+        let running = hookgate::start(config, listeners).await?;
+        signalled().await;
+        running.shutdown(grace).await;
+        Ok::<_, hookgate::Error>(())
     })?;
     Ok(ExitCode::SUCCESS)
 }
 
-async fn on_signal(shutdown: CancellationToken) {
+/// Returns at SIGTERM or SIGINT (never, if they cannot be listened for).
+async fn signalled() {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
     ) else {
         tracing::error!("cannot install signal handlers; stop with SIGKILL");
-        return;
+        return std::future::pending().await;
     };
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM"),
         _ = int.recv() => tracing::info!("SIGINT"),
     }
-    shutdown.cancel();
 }
 
 fn init_logging(config: &LogConfig) {

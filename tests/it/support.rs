@@ -10,9 +10,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 pub const SECRET: &str = "integration-test-secret";
 
@@ -513,15 +511,15 @@ impl TestGateway {
             webhook: std::net::TcpListener::bind("127.0.0.1:0").unwrap(),
             admin: std::net::TcpListener::bind("127.0.0.1:0").unwrap(),
         };
-        let webhook = listeners.webhook.local_addr().unwrap();
-        let admin = listeners.admin.local_addr().unwrap();
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(hookgate::run(config, listeners, shutdown.clone()));
+        let grace = config.shutdown.grace;
+        let running = hookgate::start(config, listeners)
+            .await
+            .unwrap_or_else(|e| panic!("the gateway did not start: {e}"));
         let gw = TestGateway {
-            webhook,
-            admin,
-            shutdown,
-            task: Some(task),
+            webhook: running.webhook_addr(),
+            admin: running.admin_addr(),
+            running: Some(running),
+            grace,
             client: reqwest::Client::builder()
                 .redirect(reqwest::redirect::Policy::none())
                 .build()
@@ -536,8 +534,9 @@ impl TestGateway {
 pub struct TestGateway {
     pub webhook: SocketAddr,
     pub admin: SocketAddr,
-    pub shutdown: CancellationToken,
-    pub task: Option<JoinHandle<Result<(), hookgate::Error>>>,
+    running: Option<hookgate::Running>,
+    /// `shutdown.grace` of its config.
+    grace: Duration,
     pub client: reqwest::Client,
     /// Holds the config, rules and secret files for the gateway's life.
     _dir: tempfile::TempDir,
@@ -555,9 +554,6 @@ impl TestGateway {
                 if r.status() == 200 {
                     return;
                 }
-            }
-            if self.task.as_ref().is_some_and(|t| t.is_finished()) {
-                panic!("the gateway stopped while starting");
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -649,21 +645,17 @@ impl TestGateway {
     }
 
     pub async fn stop(mut self) {
-        self.shutdown.cancel();
-        if let Some(task) = self.task.take() {
-            tokio::time::timeout(Duration::from_secs(10), task)
+        if let Some(running) = self.running.take() {
+            tokio::time::timeout(Duration::from_secs(10), running.shutdown(self.grace))
                 .await
-                .expect("gateway stops")
-                .unwrap()
-                .unwrap();
+                .expect("gateway stops");
         }
     }
 
     /// Stops cleanly and starts again on the same files (and spool).
     pub async fn restart(mut self) -> Self {
-        self.shutdown.cancel();
-        if let Some(task) = self.task.take() {
-            task.await.unwrap().unwrap();
+        if let Some(running) = self.running.take() {
+            running.shutdown(self.grace).await;
         }
         let path = self._dir.path().join("hookgate.toml");
         Self::launch(self._dir, path).await
