@@ -37,7 +37,9 @@
 //! - [`config`]: the gateway file (defaults ← TOML ← `HOOKGATE_` env), typed
 //!   and checked once; [`suggest`]: "did you mean" for misspelt names.
 //!
-//! [`run`] wires them together; `main.rs` only parses the command line.
+//! [`start`] wires them together and returns the [`Running`] gateway,
+//! whose [`Running::shutdown`] drains it; `main.rs` only parses the command
+//! line and waits for the signal.
 
 pub mod config;
 pub mod delivery;
