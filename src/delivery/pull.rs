@@ -155,6 +155,8 @@ impl Workers {
     /// a stop or a crash would hold it until JetStream's `ack_wait`).
     /// Returns when the worker stops or the destination's limits changed.
     async fn pull(self: &Arc<Self>, queued: Queued, destination: &str) -> Result<(), NatsError> {
+        let mut rules = self.rules.clone();
+        rules.borrow_and_update();
         let limits = self.limits(destination);
         let (concurrency, timeout) = limits;
         let consumer = match queued {
@@ -175,12 +177,19 @@ impl Workers {
             Queued::Waiting => WAITING_BATCH,
         }));
         loop {
-            if queued == Queued::Due && self.limits(destination) != limits {
-                return Ok(());
-            }
-            let first = tokio::select! {
-                p = permits.clone().acquire_owned() => p.map_err(|_| NatsError::Publish("stopped".into()))?,
-                () = self.stop.cancelled() => return Ok(()),
+            // Every permit may be held by attempts that hang until their
+            // timeout: a reload that changes the limits is seen meanwhile.
+            let first = loop {
+                if queued == Queued::Due && self.limits(destination) != limits {
+                    return Ok(());
+                }
+                tokio::select! {
+                    p = permits.clone().acquire_owned() => {
+                        break p.map_err(|_| NatsError::Publish("stopped".into()))?;
+                    }
+                    changed = rules.changed() => if changed.is_err() { return Ok(()) },
+                    () = self.stop.cancelled() => return Ok(()),
+                }
             };
             let mut held = vec![first];
             while let Ok(p) = permits.clone().try_acquire_owned() {

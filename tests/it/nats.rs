@@ -922,3 +922,37 @@ async fn the_backlog_is_delivered_by_whichever_replica_is_up() {
     assert_eq!(ids.len(), N, "every job, once");
     b.stop().await;
 }
+
+/// A reload that raises a destination's concurrency raises the bound in
+/// JetStream too (the shared consumer is updated, not refused).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs nats-server (apt-get install nats-server); CI runs it"]
+async fn a_reloaded_concurrency_reaches_the_shared_consumer() {
+    let Some(backend) = Backend::nats().await else {
+        return;
+    };
+    let hang = Downstream::start(vec![Answer::Hang; 100]).await;
+    let rules = |concurrency: usize| {
+        format!(
+            "[destinations.hang]\nurl = \"{}\"\ntimeout = \"30s\"\nconcurrency = {concurrency}\n\
+             [[rules]]\nname = \"all\"\nforward = [\"hang\"]\n",
+            hang.url("/")
+        )
+    };
+    let gw = GatewayBuilder::new(rules(1))
+        .config("[delivery]\nmode = \"durable\"\n[shutdown]\ngrace = \"200ms\"")
+        .config("[rules]\nreload_interval = \"200ms\"")
+        .on(&backend)
+        .start()
+        .await;
+    for i in 0..5 {
+        assert_eq!(
+            gw.post(&job(&format!("c-{i}"), &[]), "").await.status(),
+            202
+        );
+    }
+    hang.wait_for(1, Duration::from_secs(5)).await;
+    std::fs::write(gw.dir().join("rules.toml"), rules(3)).unwrap();
+    hang.wait_for(3, Duration::from_secs(15)).await;
+    gw.stop().await;
+}
