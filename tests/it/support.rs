@@ -784,14 +784,17 @@ impl BinaryGateway {
             reader: Some(reader),
             client: reqwest::Client::builder().build().unwrap(),
         };
-        for _ in 0..500 {
+        // Start-up is quick alone; with JetStream streams to set up on a
+        // 3-node cluster beside the rest of the suite, it took over 10 s.
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(60) {
             if let Ok(r) = gw.client.get(format!("http://{admin}/readyz")).send().await {
                 assert_eq!(r.status(), 200);
                 return gw;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        panic!("hookgate serve did not become ready");
+        panic!("hookgate serve did not become ready:\n{}", gw.log());
     }
 
     pub async fn post(&self, body: &[u8]) -> reqwest::Response {
