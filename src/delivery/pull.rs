@@ -258,18 +258,33 @@ impl Workers {
                 .await;
             return;
         }
+        self.move_to(&message, Queued::Due, &record, Duration::from_secs(1))
+            .await;
+    }
+
+    /// Replaces `message` by a copy of `record` in `queued` (the copy
+    /// first, then the acknowledgement); if the copy cannot be stored,
+    /// JetStream hands the message out again after `otherwise`.
+    async fn move_to(
+        &self,
+        message: &jetstream::Message,
+        queued: Queued,
+        record: &Record,
+        otherwise: Duration,
+    ) {
         let sequence = message.info().map_or(0, |i| i.stream_sequence);
-        let id = copy_id(&record, sequence);
+        let id = copy_id(record, sequence);
         let job = job_bytes(&message.payload);
-        match self.queue.requeue(Queued::Due, &record, job, &id).await {
+        match self.queue.requeue(queued, record, job, &id).await {
             Ok(()) => {
                 let _ = message.double_ack().await;
             }
             Err(e) => {
-                tracing::debug!("cannot move a delivery back to due, tried again in 1 s: {e}");
-                let _ = message
-                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-                    .await;
+                tracing::debug!(
+                    ?queued,
+                    "cannot move a delivery, handed out again in {otherwise:?}: {e}"
+                );
+                let _ = message.ack_with(AckKind::Nak(Some(otherwise))).await;
             }
         }
     }
@@ -503,18 +518,7 @@ impl Workers {
     /// wait (holding one of the destination's slots meanwhile).
     async fn park(&self, message: &jetstream::Message, mut record: Record, wait: Duration) {
         record.next_ms = unix_ms() + wait.as_millis() as u64;
-        let sequence = message.info().map_or(0, |i| i.stream_sequence);
-        let id = copy_id(&record, sequence);
-        let job = job_bytes(&message.payload);
-        match self.queue.requeue(Queued::Waiting, &record, job, &id).await {
-            Ok(()) => {
-                let _ = message.double_ack().await;
-            }
-            Err(e) => {
-                tracing::debug!("cannot move a delivery to waiting, handed out again later: {e}");
-                let _ = message.ack_with(AckKind::Nak(Some(wait))).await;
-            }
-        }
+        self.move_to(message, Queued::Waiting, &record, wait).await;
     }
 
     /// Keeps a delivery as a dead letter, then acknowledges its message; if

@@ -406,12 +406,7 @@ async fn a_full_spool_refuses_with_retry_after(backend: Backend) {
     );
     let down = Downstream::start_on(addr, []).await;
     let got = down.wait_for(accepted.len(), Duration::from_secs(20)).await;
-    let mut ids: Vec<&str> = got
-        .iter()
-        .map(|r| r.header("x-hookgate-job-id").unwrap())
-        .collect();
-    ids.sort_unstable();
-    ids.dedup();
+    let ids = distinct_job_ids(&got);
     let mut want: Vec<&str> = accepted.iter().map(String::as_str).collect();
     want.sort_unstable();
     assert_eq!(ids, want);

@@ -135,6 +135,23 @@ impl NatsCluster {
         }
     }
 
+    /// A durable gateway forwarding everything to `url`, its
+    /// queue on this cluster's R3 streams under `prefix` (set up here
+    /// first, so that their leaders are elected before gateways start),
+    /// with more `spool.nats` fields in `fields`.
+    pub async fn gateway(&self, prefix: &str, fields: &str, url: &str) -> GatewayBuilder {
+        NatsQueue::connect(&self.config(prefix, 3), 1 << 30, Duration::from_secs(3600))
+            .await
+            .unwrap();
+        let mut spool = format!("prefix = \"{prefix}\", replicas = 3");
+        if !fields.is_empty() {
+            spool += &format!(", {fields}");
+        }
+        GatewayBuilder::forward_all_to(url)
+            .config("[delivery]\nmode = \"durable\"")
+            .config(&self.spool(&spool))
+    }
+
     /// A gateway's `[spool]` table on this cluster, with more `spool.nats`
     /// fields.
     pub fn spool(&self, fields: &str) -> String {
@@ -312,19 +329,8 @@ async fn two_gateways_share_one_queue() {
     }
     const N: usize = 30;
     let cluster = NatsCluster::start(3).await;
-    // The cluster has elected its JetStream leader once this returns.
-    NatsQueue::connect(
-        &cluster.config("e2e", 3),
-        1 << 30,
-        Duration::from_secs(3600),
-    )
-    .await
-    .unwrap();
     let down = Downstream::start([]).await;
-    let (dir, config) = GatewayBuilder::forward_all_to(&down.url("/hook"))
-        .config("[delivery]\nmode = \"durable\"")
-        .config(&cluster.spool("prefix = \"e2e\", replicas = 3"))
-        .write();
+    let (dir, config) = cluster.gateway("e2e", "", &down.url("/hook")).await.write();
     let a = BinaryGateway::spawn(dir.path(), &config, &[]).await;
     let b = BinaryGateway::spawn(dir.path(), &config, &[]).await;
     for i in 0..N {
@@ -373,17 +379,10 @@ async fn nats_down_refuses_then_resumes() {
         return;
     }
     let mut cluster = NatsCluster::start(3).await;
-    NatsQueue::connect(
-        &cluster.config("down", 3),
-        1 << 30,
-        Duration::from_secs(3600),
-    )
-    .await
-    .unwrap();
     let down = Downstream::start([]).await;
-    let (dir, config) = GatewayBuilder::forward_all_to(&down.url("/hook"))
-        .config("[delivery]\nmode = \"durable\"")
-        .config(&cluster.spool("prefix = \"down\", replicas = 3, unavailable_after = \"2s\""))
+    let (dir, config) = cluster
+        .gateway("down", "unavailable_after = \"2s\"", &down.url("/hook"))
+        .await
         .write();
     let gw = BinaryGateway::spawn(dir.path(), &config, &[]).await;
     assert_eq!(gw.post(&job("d-before", &[])).await.status(), 202);
@@ -465,14 +464,8 @@ async fn kill_9_replicas_and_nats_servers_under_load() {
         return;
     }
     let mut cluster = NatsCluster::start(3).await;
-    NatsQueue::connect(&cluster.config("k9", 3), 1 << 30, Duration::from_secs(3600))
-        .await
-        .unwrap();
     let down = Downstream::start([]).await;
-    let (dir, config) = GatewayBuilder::forward_all_to(&down.url("/hook"))
-        .config("[delivery]\nmode = \"durable\"")
-        .config(&cluster.spool("prefix = \"k9\", replicas = 3"))
-        .write();
+    let (dir, config) = cluster.gateway("k9", "", &down.url("/hook")).await.write();
     let mut replicas = [
         Some(BinaryGateway::spawn(dir.path(), &config, &[]).await),
         Some(BinaryGateway::spawn(dir.path(), &config, &[]).await),
@@ -619,15 +612,12 @@ async fn dead_letters_list_replay_and_purge_on_jetstream() {
         return;
     }
     let cluster = NatsCluster::start(3).await;
-    NatsQueue::connect(&cluster.config("dl", 3), 1 << 30, Duration::from_secs(3600))
-        .await
-        .unwrap();
     let down = Downstream::start([]).await;
     down.answer_path("/wrong", Answer::Status(404));
     let token = "nats-dead-letter-token";
-    let (dir, config) = GatewayBuilder::forward_all_to(&down.url("/wrong"))
-        .config("[delivery]\nmode = \"durable\"")
-        .config(&cluster.spool("prefix = \"dl\", replicas = 3"))
+    let (dir, config) = cluster
+        .gateway("dl", "", &down.url("/wrong"))
+        .await
         .admin_token(token)
         .write();
     let gw = BinaryGateway::spawn(dir.path(), &config, &[]).await;
@@ -913,13 +903,7 @@ async fn the_backlog_is_delivered_by_whichever_replica_is_up() {
     a.stop().await;
     let down = Downstream::start_on(addr, []).await;
     let got = down.wait_for(N, Duration::from_secs(15)).await;
-    let mut ids: Vec<&str> = got
-        .iter()
-        .map(|r| r.header("x-hookgate-job-id").unwrap())
-        .collect();
-    ids.sort_unstable();
-    ids.dedup();
-    assert_eq!(ids.len(), N, "every job, once");
+    assert_eq!(distinct_job_ids(&got).len(), N, "every job, once");
     b.stop().await;
 }
 

@@ -871,6 +871,17 @@ impl Drop for BinaryGateway {
     }
 }
 
+/// The job ids of `received`, sorted, each once.
+pub fn distinct_job_ids(received: &[Received]) -> Vec<&str> {
+    let mut ids: Vec<&str> = received
+        .iter()
+        .map(|r| r.header("x-hookgate-job-id").unwrap())
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
 /// Polls `check` every 50 ms until it holds, for at most `within`.
 pub async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F) -> Duration
 where
