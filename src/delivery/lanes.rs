@@ -601,10 +601,11 @@ impl Lanes {
         }
         record.dead_reason = Some(reason);
         record.dead_ms = Some(unix_ms());
-        self.buried(&record);
-        if let Err(e) = self.spool.bury(id, record) {
+        // Sent before it is counted: a listing after the count finds it.
+        if let Err(e) = self.spool.bury(id, record.clone()) {
             tracing::error!(id, "cannot record a dead letter: {e}");
         }
+        self.buried(&record);
     }
 
     /// Counts a new dead letter.
@@ -779,7 +780,12 @@ impl crate::queue::Queue for Arc<Lanes> {
         limit: usize,
     ) -> futures_util::future::BoxFuture<'_, Result<Vec<(u64, Record)>, crate::queue::QueueError>>
     {
-        Box::pin(async move { Ok(self.spool.dead_letters(&filter, after, limit)?) })
+        Box::pin(async move {
+            // Dead letters counted but still on their way to disk are listed
+            // too. A spool that cannot write lists what it holds.
+            let _ = self.spool.settled().await;
+            Ok(self.spool.dead_letters(&filter, after, limit)?)
+        })
     }
 
     fn replay(

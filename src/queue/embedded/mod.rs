@@ -343,6 +343,11 @@ enum Op {
         records: Vec<Record>,
         reply: oneshot::Sender<Result<Stored, SpoolError>>,
     },
+    /// Nothing to write: answered once what was sent before it is
+    /// committed (see [`Spool::settled`]).
+    Settle {
+        reply: oneshot::Sender<Result<(), SpoolError>>,
+    },
     /// A write that proves the spool can write again (see the writer).
     Probe,
     /// Commit what came before, then stop.
@@ -652,6 +657,15 @@ impl Spool {
             id,
             record: Box::new(record),
         })
+    }
+
+    /// Returns once everything sent to the spool before this call is
+    /// committed, or has failed to be: a read after it sees, for example,
+    /// every dead letter already counted.
+    pub async fn settled(&self) -> Result<(), SpoolError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Op::Settle { reply })?;
+        answer.await.map_err(|_| SpoolError::Closed)?
     }
 
     /// Dead letters, oldest first, at most `limit` after id `after`.

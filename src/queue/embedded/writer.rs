@@ -103,6 +103,7 @@ impl Op {
             Op::Replay { reply, .. } => drop(reply.send(Err(error()))),
             Op::Purge { reply, .. } => drop(reply.send(Err(error()))),
             Op::Reroute { reply, .. } => drop(reply.send(Err(error()))),
+            Op::Settle { reply } => drop(reply.send(Err(error()))),
             outcome @ (Op::Complete { .. } | Op::Bury { .. }) => unsaved.push_back(outcome),
             Op::Probe | Op::Close => {}
         }
@@ -402,6 +403,7 @@ impl Writer {
                         let result = self.reroute(&mut t, &dead_ids, job, records);
                         replies.push(reply(tx, result));
                     }
+                    Op::Settle { reply: tx } => replies.push(reply(tx, Ok(()))),
                     Op::Probe => {
                         // Rewritten whole each time: the commit must find
                         // room for new pages, as an accept would.
