@@ -657,7 +657,8 @@ impl Queue for Workers {
         })
     }
 
-    /// JetStream decides in `accept`, where a seen job id costs one read.
+    /// JetStream's record of seen job ids is read in `accept`; when that
+    /// failed, JetStream is not answering this either.
     fn seen(&self, _job_id: &str) -> Result<bool, QueueError> {
         Ok(false)
     }

@@ -217,13 +217,6 @@ impl Pipeline {
             Ok(job) => job,
             Err(e) => return self.reject(e.into()),
         };
-        if let Onward::Durable(queue) = &self.onward {
-            match queue.seen(&job.job_id) {
-                Ok(true) => return self.duplicate(&job),
-                Ok(false) => {}
-                Err(e) => return self.reject(e.into()),
-            }
-        }
         let query = Query::new(webhook.query.as_deref(), job.callback_url.as_deref());
         // One version of the rules for the whole webhook, even if a reload
         // lands while it is being delivered.
@@ -318,7 +311,12 @@ impl Pipeline {
                 }
             }
             Ok(Accepted::Duplicate) => self.duplicate(job),
-            Err(e) => self.reject(e.into()),
+            // A queue that cannot store (full, or its disk failing) may still
+            // know the job: its sender's retry is acknowledged, not refused.
+            Err(e) => match queue.seen(&job.job_id) {
+                Ok(true) => self.duplicate(job),
+                _ => self.reject(e.into()),
+            },
         }
     }
 

@@ -38,8 +38,9 @@ pub trait Queue: Send + Sync {
     /// `Duplicate` for a job id accepted within the dedupe window.
     fn accept(&self, job: NewJob) -> BoxFuture<'_, Result<Accepted, QueueError>>;
 
-    /// A cheap check before routing: true if `job_id` is known to have been
-    /// accepted within the dedupe window. `accept` decides in the end.
+    /// True if `job_id` is known to have been accepted within the dedupe
+    /// window. Asked only when `accept` failed, which decides otherwise: a
+    /// check before every accept would cost each webhook a second lookup.
     fn seen(&self, job_id: &str) -> Result<bool, QueueError>;
 
     /// Dead letters, oldest first, at most `limit` after id `after`.

@@ -404,6 +404,11 @@ async fn a_full_spool_refuses_with_retry_after(backend: Backend) {
         m.get("hookgate_webhooks_rejected_total", "reason=\"overloaded\""),
         refused as f64
     );
+    // The sender of an accepted job that retries is acknowledged, full or not.
+    let again = gw.post(&job(&accepted[0], &[]), "").await;
+    assert_eq!(again.status(), 202);
+    let body: serde_json::Value = again.json().await.unwrap();
+    assert_eq!(body["duplicate"], true, "{body}");
     let down = Downstream::start_on(addr, []).await;
     let got = down.wait_for(accepted.len(), Duration::from_secs(20)).await;
     let ids = distinct_job_ids(&got);
