@@ -143,7 +143,11 @@ class Server:
             argv, cwd=cwd, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
-        wait_http(ready or f"http://127.0.0.1:{SERVER_PORT}/")
+        try:
+            wait_http(ready or f"http://127.0.0.1:{SERVER_PORT}/")
+        except BaseException:
+            self.stop()
+            raise
 
     def pids(self) -> list[int]:
         return tree(self.proc.pid)
@@ -218,7 +222,7 @@ required = {str(verify).lower()}
 mode = "{mode}"
 [spool]
 path = "{d / 'spool'}"
-max_bytes = "8GiB"
+max_bytes = "{'1GiB' if nats else '8GiB'}"
 {f'backend = "nats"{chr(10)}nats = {{ servers = ["{nats}"] }}' if nats else ""}
 [dedupe]
 # The shipped window. Durable scenarios send a new job id on every request;

@@ -178,6 +178,7 @@ impl NatsQueue {
         // A cluster that has just started elects its JetStream leader
         // first: set-up is tried again until `unavailable_after`.
         let deadline = tokio::time::Instant::now() + config.unavailable_after;
+        let mut next_warning = tokio::time::Instant::now();
         loop {
             match setup(&js, &names, config, max_bytes, window).await {
                 Ok(seen) => {
@@ -194,7 +195,14 @@ impl NatsQueue {
                     });
                 }
                 Err(e) if tokio::time::Instant::now() < deadline => {
-                    tracing::debug!("JetStream not ready yet: {e}");
+                    // Said at once and every 5 s: a refusal that lasts (too
+                    // little storage for the streams, say) is not silent.
+                    if tokio::time::Instant::now() >= next_warning {
+                        tracing::warn!(
+                            "JetStream set-up failed, trying again until spool.nats.unavailable_after: {e}"
+                        );
+                        next_warning += Duration::from_secs(5);
+                    }
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
                 Err(e) => return Err(e),
@@ -209,19 +217,20 @@ impl NatsQueue {
     /// fails half way leaves the job id unmarked: the sender's retry
     /// publishes again, and the message ids store nothing twice.
     pub async fn accept(&self, job: NewJob) -> Result<Accepted, NatsError> {
+        let seen = self.names.seen_subject(&job.job.job_id);
+        let failed = |e: &dyn std::fmt::Display| NatsError::Publish(e.to_string());
+        // Asked first: a duplicate is acknowledged even while intake is full.
+        match self.seen.direct_get_last_for_subject(&seen).await {
+            Ok(_) => return Ok(Accepted::Duplicate),
+            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => {}
+            Err(e) => return Err(failed(&e)),
+        }
         let stored = self.stored_bytes.load(std::sync::atomic::Ordering::Relaxed);
         if stored >= self.max_bytes {
             return Err(NatsError::Full {
                 stored,
                 max: self.max_bytes,
             });
-        }
-        let seen = self.names.seen_subject(&job.job.job_id);
-        let failed = |e: &dyn std::fmt::Display| NatsError::Publish(e.to_string());
-        match self.seen.direct_get_last_for_subject(&seen).await {
-            Ok(_) => return Ok(Accepted::Duplicate),
-            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => {}
-            Err(e) => return Err(failed(&e)),
         }
         let body = job
             .job
@@ -391,6 +400,7 @@ async fn setup(
         message: e.to_string(),
     };
     let deliveries = names.deliveries();
+    let room = max_bytes.saturating_mul(4);
     js.create_or_update_stream(stream::Config {
         name: deliveries.clone(),
         subjects: vec![
@@ -406,13 +416,16 @@ async fn setup(
         // 72 deliveries whose copies had been refused for room (their
         // message ids apparently remembered all the same). JetStream
         // refuses (never drops) past it.
-        max_bytes: i64::try_from(max_bytes.saturating_mul(4)).unwrap_or(i64::MAX),
+        max_bytes: i64::try_from(room).unwrap_or(i64::MAX),
         discard: stream::DiscardPolicy::New,
         duplicate_window: window.min(Duration::from_secs(3600)),
         ..Default::default()
     })
     .await
-    .map_err(|e| failed("stream", &deliveries, &e))?;
+    .map_err(|e| {
+        let e = format!("{e} (it asks for {room} bytes of storage: 4 x spool.max_bytes)");
+        failed("stream", &deliveries, &e)
+    })?;
     let dead = names.dead();
     js.create_or_update_stream(stream::Config {
         name: dead.clone(),

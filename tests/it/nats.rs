@@ -940,3 +940,31 @@ async fn a_reloaded_concurrency_reaches_the_shared_consumer() {
     hang.wait_for(3, Duration::from_secs(15)).await;
     gw.stop().await;
 }
+
+/// A deliveries stream JetStream has no storage for: start-up says why
+/// (with the room it asked for) and gives up after `unavailable_after`,
+/// rather than retrying in silence.
+#[tokio::test]
+#[ignore = "needs nats-server (apt-get install nats-server); CI runs it"]
+async fn a_stream_too_big_for_jetstream_fails_start_up_with_the_reason() {
+    if !nats_server() {
+        return;
+    }
+    let cluster = NatsCluster::start(1).await;
+    let config = NatsConfig {
+        unavailable_after: Duration::from_secs(1),
+        ..cluster.config("huge", 1)
+    };
+    let started = std::time::Instant::now();
+    let error = match NatsQueue::connect(&config, 1 << 50, Duration::from_secs(60)).await {
+        Ok(_) => panic!("a 4 PiB stream was created"),
+        Err(e) => e.to_string(),
+    };
+    assert!(error.contains("insufficient storage"), "{error}");
+    assert!(error.contains("4 x spool.max_bytes"), "{error}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+}
