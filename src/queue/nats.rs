@@ -487,15 +487,19 @@ impl NatsQueue {
             .map_err(|e| NatsError::Publish(e.to_string()))
     }
 
+    /// The deliveries stream, without the round trip for its info.
+    async fn deliveries_stream(&self) -> Result<stream::Stream<()>, NatsError> {
+        self.js
+            .get_stream_no_info(self.names.deliveries())
+            .await
+            .map_err(|e| NatsError::Publish(e.to_string()))
+    }
+
     /// The destinations that have a consumer (some replica delivered to
     /// them once), whether the rules still name them or not.
     pub async fn consumed_destinations(&self) -> Result<Vec<String>, NatsError> {
         let failed = |e: &dyn std::fmt::Display| NatsError::Publish(e.to_string());
-        let stream = self
-            .js
-            .get_stream_no_info(self.names.deliveries())
-            .await
-            .map_err(|e| failed(&e))?;
+        let stream = self.deliveries_stream().await?;
         let from = self.names.consumer(Queued::Due, "");
         let names: Vec<String> = stream
             .consumer_names()
@@ -591,11 +595,7 @@ impl NatsQueue {
     /// Reads the deliveries stream's state: notes its size (what intake
     /// compares with `spool.max_bytes`) and returns its last sequence.
     pub async fn read_state(&self) -> Result<u64, NatsError> {
-        let stream = self
-            .js
-            .get_stream_no_info(self.names.deliveries())
-            .await
-            .map_err(|e| NatsError::Publish(e.to_string()))?;
+        let stream = self.deliveries_stream().await?;
         let info = stream
             .get_info()
             .await
@@ -615,11 +615,7 @@ impl NatsQueue {
         limit: usize,
     ) -> Result<Vec<(u64, bytes::Bytes)>, NatsError> {
         let failed = |e: &dyn std::fmt::Display| NatsError::Publish(e.to_string());
-        let stream = self
-            .js
-            .get_stream_no_info(self.names.deliveries())
-            .await
-            .map_err(|e| failed(&e))?;
+        let stream = self.deliveries_stream().await?;
         let subject = self.names.subject(queued, destination);
         let mut out = Vec::new();
         let mut next = from;
@@ -642,11 +638,7 @@ impl NatsQueue {
     /// Deletes a queued delivery (queued again or buried in its place);
     /// one already gone is no error.
     pub async fn delete_delivery(&self, sequence: u64) -> Result<(), NatsError> {
-        let stream = self
-            .js
-            .get_stream_no_info(self.names.deliveries())
-            .await
-            .map_err(|e| NatsError::Publish(e.to_string()))?;
+        let stream = self.deliveries_stream().await?;
         match stream.delete_message(sequence).await {
             Ok(_) => Ok(()),
             Err(e)
