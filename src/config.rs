@@ -531,6 +531,19 @@ impl Config {
         self.relative(&self.rules.file)
     }
 
+    /// The rules file that the config at `path` names, read leniently from
+    /// a config that does not load (`HOOKGATE_RULES__FILE`, else the file's
+    /// `rules.file` if it is text, else the default), so that `check` can
+    /// report the rules' problems beside the config's.
+    pub fn rules_path_in(path: &Path) -> PathBuf {
+        let named = std::env::var("HOOKGATE_RULES__FILE").ok().or_else(|| {
+            let doc: toml::Table = std::fs::read_to_string(path).ok()?.parse().ok()?;
+            doc.get("rules")?.get("file")?.as_str().map(str::to_owned)
+        });
+        let file = named.map_or_else(|| RulesConfig::default().file, PathBuf::from);
+        path.parent().unwrap_or(Path::new("")).join(file)
+    }
+
     /// Reads every configured secret. An absent or empty one is an error:
     /// starting with fewer secrets than configured would reject real traffic.
     /// Returns the named keys and warnings (short secrets, optional ones
@@ -701,11 +714,15 @@ fn describe(kind: &figment::error::Kind, key: &[String]) -> String {
         ),
         Kind::InvalidType(actual, expected) if expected.contains("duration") => {
             format!(
-                "{dotted}: found {actual}, expected a duration (write a unit: \"5s\", \"250ms\", \"2m\")"
+                "{dotted}: found {}, expected a duration (write a unit: \"5s\", \"250ms\", \"2m\")",
+                crate::wording::found(&actual.to_string())
             )
         }
-        Kind::InvalidType(actual, expected) => {
-            format!("{dotted}: found {actual}, expected {expected}")
+        Kind::InvalidType(actual, expected) | Kind::InvalidValue(actual, expected) => {
+            format!(
+                "{dotted}: {}",
+                crate::wording::wrong_type(&actual.to_string(), expected)
+            )
         }
         other => format!("{dotted}: {other}"),
     }

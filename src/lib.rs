@@ -35,7 +35,8 @@
 //!   result from it without copying; [`webhook::query`] holds the
 //!   customer's callback query parameters.
 //! - [`config`]: the gateway file (defaults ← TOML ← `HOOKGATE_` env), typed
-//!   and checked once; [`suggest`]: "did you mean" for misspelt names.
+//!   and checked once; [`suggest`]: "did you mean" for misspelt names;
+//!   [`wording`]: a mistake in either file in the same plain words.
 //!
 //! [`start`] wires them together and returns the [`Running`] gateway,
 //! whose [`Running::shutdown`] drains it; `main.rs` only parses the command
@@ -53,6 +54,7 @@ pub mod throttle;
 pub mod tools;
 pub mod transport;
 pub mod webhook;
+pub mod wording;
 
 use std::sync::Arc;
 

@@ -183,9 +183,11 @@ impl RuleSet {
     pub fn parse_in(text: &str, dir: &Path) -> Result<Self, Vec<Problem>> {
         let src = Source { text };
         let raw: RawFile = toml::from_str(text).map_err(|e| {
+            let message = e.message().trim();
             vec![Problem {
                 line: e.span().map_or(0, |s| src.line(s.start)),
-                message: e.message().trim().to_owned(),
+                message: unknown_key(message)
+                    .map_or_else(|| crate::wording::serde_message(message), |(_, m)| m),
             }]
         })?;
         let mut problems = Vec::new();
@@ -200,12 +202,17 @@ impl RuleSet {
                     message: format!("destination {name:?}: {e}"),
                 });
             }
-            match destination(&name, value.into_inner(), dir) {
+            let filler = [("url", Value::from("http://127.0.0.1/"))];
+            match deserialize_all::<DestinationSpec>(value.into_inner(), &filler, "url")
+                .and_then(|spec| destination(&name, spec, dir).map_err(|e| vec![e]))
+            {
                 Ok(d) => destinations.push(d),
-                Err((needle, message)) => problems.push(Problem {
-                    line: src.find(&span, &needle),
-                    message: format!("destination {name:?}: {message}"),
-                }),
+                Err(located) => {
+                    problems.extend(located.into_iter().map(|(needle, message)| Problem {
+                        line: src.find(&span, &needle),
+                        message: format!("destination {name:?}: {message}"),
+                    }))
+                }
             }
         }
         let mut rules = Vec::new();
@@ -213,14 +220,14 @@ impl RuleSet {
         for (index, value) in raw.rules.into_iter().enumerate() {
             let span = value.span();
             let line = src.line(span.start);
-            let spec = match RuleSpec::deserialize(value.into_inner()) {
+            let filler = [("name", Value::from("r")), ("drop", Value::from(true))];
+            let spec = match deserialize_all::<RuleSpec>(value.into_inner(), &filler, "") {
                 Ok(spec) => spec,
-                Err(e) => {
-                    let message = e.message().trim().to_owned();
-                    problems.push(Problem {
-                        line: src.find(&span, backticked(&message).unwrap_or_default()),
+                Err(located) => {
+                    problems.extend(located.into_iter().map(|(needle, message)| Problem {
+                        line: src.find(&span, &needle),
                         message: format!("rule #{}: {message}", index + 1),
-                    });
+                    }));
                     continue;
                 }
             };
@@ -381,6 +388,83 @@ fn backticked(message: &str) -> Option<&str> {
     Some(&message[start..start + len])
 }
 
+/// A table as `T`, or every problem with it: a key that is wrong is
+/// reported, taken out, and the rest read again (as the gateway file's
+/// keys are), so that one run names them all.
+fn deserialize_all<T: serde::de::DeserializeOwned>(
+    mut value: Value,
+    filler: &[(&str, Value)],
+    fallback: &str,
+) -> Result<T, Vec<Located>> {
+    let mut problems = Vec::new();
+    loop {
+        let e = match T::deserialize(value.clone()) {
+            Ok(spec) if problems.is_empty() => return Ok(spec),
+            Ok(_) => return Err(problems),
+            Err(e) => e,
+        };
+        let (key, message) = explain::<T>(&value, e.message(), filler, fallback);
+        let removed = value.as_table_mut().and_then(|t| t.remove(&key)).is_some();
+        problems.push((key, message));
+        if !removed || problems.len() >= 20 {
+            return Err(problems);
+        }
+    }
+}
+
+/// serde's "unknown field `x`, expected one of `a`, `b`" as the key and
+/// `unknown key x (did you mean "a"?)`, the gateway file's wording.
+fn unknown_key(message: &str) -> Option<Located> {
+    let rest = message.strip_prefix("unknown field ")?;
+    let typed = backticked(rest).unwrap_or_default();
+    let known: Vec<&str> = rest
+        .split_once("expected ")
+        .map(|(_, list)| list.split('`').skip(1).step_by(2).collect())
+        .unwrap_or_default();
+    let hint = crate::suggest::hint(typed, known);
+    Some((typed.to_owned(), format!("unknown key {typed}{hint}")))
+}
+
+/// serde's message about a table that did not deserialize as `T`, in the
+/// words of [`crate::wording`], with the key it is about to find its line
+/// by (`fallback` when none is named). serde names the key of an unknown or
+/// missing field but not of a value of the wrong type: that key is found by
+/// deserializing each key alone (beside `filler`, values for the required
+/// fields) and keeping the one that fails the same way.
+fn explain<T: serde::de::DeserializeOwned>(
+    value: &Value,
+    message: &str,
+    filler: &[(&str, Value)],
+    fallback: &str,
+) -> Located {
+    let message = message.trim();
+    if let Some(unknown) = unknown_key(message) {
+        return unknown;
+    }
+    if message.starts_with("missing field ") {
+        let key = backticked(message).unwrap_or(fallback).to_owned();
+        return (fallback.to_owned(), format!("`{key}` is required"));
+    }
+    let culprit = value.as_table().and_then(|table| {
+        table.iter().find_map(|(key, v)| {
+            let mut alone = Table::new();
+            for (k, fill) in filler {
+                alone.insert((*k).to_owned(), fill.clone());
+            }
+            alone.insert(key.clone(), v.clone());
+            T::deserialize(Value::Table(alone))
+                .err()
+                .filter(|e| e.message().trim() == message)
+                .map(|_| key.clone())
+        })
+    });
+    let plain = crate::wording::serde_message(message);
+    match culprit {
+        Some(key) => (key.clone(), format!("{key}: {plain}")),
+        None => (fallback.to_owned(), plain),
+    }
+}
+
 fn check_name(name: &str) -> Result<(), String> {
     let ok = (1..=64).contains(&name.len())
         && name
@@ -396,11 +480,7 @@ fn check_name(name: &str) -> Result<(), String> {
 /// An error with the text to look for in the table to find its line.
 type Located = (String, String);
 
-fn destination(name: &str, value: Value, dir: &Path) -> Result<Destination, Located> {
-    let spec = DestinationSpec::deserialize(value).map_err(|e| {
-        let message = e.message().trim().to_owned();
-        (backticked(&message).unwrap_or("url").to_owned(), message)
-    })?;
+fn destination(name: &str, spec: DestinationSpec, dir: &Path) -> Result<Destination, Located> {
     let url = UrlTemplate::parse(&spec.url).map_err(|e| ("url".to_owned(), e))?;
     if spec.max_attempts == Some(0) {
         return Err((
@@ -573,7 +653,8 @@ fn matcher(table: &Table, path: &str) -> Result<Matcher, Located> {
             }
             other => {
                 return Err(err(format!(
-                    "unknown matcher `{other}`; matchers are {MATCHERS}"
+                    "unknown matcher `{other}`{}; matchers are {MATCHERS}",
+                    crate::suggest::hint(other, MATCHERS.split(", "))
                 )));
             }
         };

@@ -254,7 +254,7 @@ headers = { "X-Hookgate-Rule" = "spoof" }
     #[rustfmt::skip]
     let want: &[(usize, &str)] = &[
         (6, "must be an http:// or https:// URL"),
-        (11, "unknown field `forwrad`"),
+        (11, "unknown key forwrad (did you mean \"forward\"?)"),
         (15, "bad regex"),
         (20, "\"nowhere\", which is not defined"),
         (24, "\"SEVERE\" is not a risk level"),
@@ -279,7 +279,7 @@ fn syntax_errors_have_a_line() {
     assert!(problems[0].line >= 3, "{problems:?}");
     let problems = RuleSet::parse("[destination.a]\nurl = \"http://a/\"\n").unwrap_err();
     assert!(
-        problems[0].message.contains("unknown field `destination`"),
+        problems[0].message == "unknown key destination (did you mean \"destinations\"?)",
         "{problems:?}"
     );
     assert_eq!(problems[0].line, 1);

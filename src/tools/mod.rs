@@ -23,38 +23,41 @@ use crate::rules::RuleSet;
 use crate::transport::Transport;
 use crate::webhook::verify::{self, Secret, Verifier};
 
-/// Validates the config and the rules it names, printing every problem.
+/// Validates the config and the rules it names, printing every problem of
+/// both files before the summary: a config that does not load still names
+/// its rules file (read leniently), so one run shows everything to fix.
 pub fn check(config_path: &Path) -> ExitCode {
     let mut errors = 0;
     let mut warnings = 0;
-    let config = match Config::load(config_path) {
-        Ok(c) => c,
+    let rules_path = match Config::load(config_path) {
+        Ok(config) => {
+            if config.verify.secrets.is_empty() && config.verify.required {
+                eprintln!(
+                    "error: {}: verify.secrets is empty and verify.required is true: the gateway would refuse to start",
+                    config_path.display()
+                );
+                errors += 1;
+            } else if let Err(e) = config.secret_keys() {
+                // A missing secret stops `serve`, but `check` runs where
+                // secrets are not mounted (CI, a laptop).
+                eprintln!("warning: {e}");
+                warnings += 1;
+            }
+            if let Err(e) = config.admin_token() {
+                eprintln!("warning: {e}");
+                warnings += 1;
+            }
+            config.rules_path()
+        }
         Err(e) => {
             let text = e.to_string();
             for line in text.lines() {
                 eprintln!("error: {line}");
             }
-            println!("{} errors, {warnings} warnings", text.lines().count());
-            return ExitCode::FAILURE;
+            errors += text.lines().count();
+            Config::rules_path_in(config_path)
         }
     };
-    if config.verify.secrets.is_empty() && config.verify.required {
-        eprintln!(
-            "error: {}: verify.secrets is empty and verify.required is true: the gateway would refuse to start",
-            config_path.display()
-        );
-        errors += 1;
-    } else if let Err(e) = config.secret_keys() {
-        // A missing secret stops `serve`, but `check` runs where secrets
-        // are not mounted (CI, a laptop).
-        eprintln!("warning: {e}");
-        warnings += 1;
-    }
-    if let Err(e) = config.admin_token() {
-        eprintln!("warning: {e}");
-        warnings += 1;
-    }
-    let rules_path = config.rules_path();
     match RuleSet::load(&rules_path) {
         Ok(rules) => {
             for w in rules.warnings() {

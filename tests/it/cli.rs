@@ -27,6 +27,24 @@ fn check_passes_the_shipped_config() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("0 errors, 0 warnings"));
 }
 
+/// The first command of the README serves the shipped config: on a laptop
+/// it must expose nothing beyond loopback.
+#[test]
+fn the_shipped_config_listens_on_loopback_only() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let config = hookgate::config::Config::load(&root.join("config/hookgate.toml")).unwrap();
+    assert!(
+        config.server.listen.ip().is_loopback(),
+        "{}",
+        config.server.listen
+    );
+    assert!(
+        config.admin.listen.ip().is_loopback(),
+        "{}",
+        config.admin.listen
+    );
+}
+
 #[test]
 fn check_names_file_and_line_of_each_problem() {
     let dir = tempfile::tempdir().unwrap();
@@ -62,7 +80,7 @@ forward = ["a"]
     let stderr = String::from_utf8_lossy(&out.stderr);
     let file = dir.path().join("rules.toml").display().to_string();
     for (line, text) in [
-        (6, "unknown field `forwrad`"),
+        (6, "unknown key forwrad (did you mean \"forward\"?)"),
         (10, "\"nowhere\", which is not defined"),
         (14, "bad regex"),
     ] {
@@ -74,6 +92,69 @@ forward = ["a"]
             "no line starting {prefix:?} containing {text:?} in:\n{stderr}"
         );
     }
+}
+
+/// One run of `check` shows every problem of both files, config and rules,
+/// in plain words, each on the line of its key, before the summary line.
+#[test]
+fn check_reports_every_problem_of_both_files_in_one_run() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("hookgate.toml"),
+        "[verify]\nrequired = false\n[server]\nmax_connections = \"lots\"\n\
+         [delivery]\ntimeout = 5\nconcurency = 3\n",
+    )
+    .unwrap();
+    let rules = r#"[destinations.a]
+url = "http://127.0.0.1:1/"
+headers = { "X-A" = "b" }
+max_attempts = "three"
+retries = 3
+
+[[rules]]
+name = "r"
+match = { min_rsk = "HIGH" }
+forward = ["a"]
+
+[[rules]]
+name = "t"
+forward = "a"
+"#;
+    std::fs::write(dir.path().join("rules.toml"), rules).unwrap();
+    // Both streams in one pipe, as a terminal shows them.
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("\"$0\" check --config \"$1\" 2>&1")
+        .arg(assert_cmd::cargo::cargo_bin!("hookgate"))
+        .arg(dir.path().join("hookgate.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    let want = [
+        "hookgate.toml:4: server.max_connections: found the text \"lots\", expected a whole number",
+        "hookgate.toml:6: delivery.timeout: found the number 5, expected a duration",
+        "hookgate.toml:7: unknown key delivery.concurency (did you mean \"concurrency\"?)",
+        "rules.toml:4: destination \"a\": max_attempts: found the text \"three\", expected a whole number",
+        "rules.toml:5: destination \"a\": unknown key retries",
+        "rules.toml:9: rule \"r\": `match.min_rsk`: unknown matcher `min_rsk` (did you mean \"min_risk\"?)",
+        "rules.toml:14: rule #2: forward: found the text \"a\", expected a list",
+    ];
+    for w in want {
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with("error: ") && l.contains(w)),
+            "{w:?} not in:\n{text}"
+        );
+    }
+    assert_eq!(lines.last(), Some(&"7 errors, 0 warnings"), "{text}");
+    assert_eq!(
+        lines.iter().filter(|l| l.starts_with("error: ")).count(),
+        7,
+        "{text}"
+    );
 }
 
 #[test]
@@ -107,7 +188,7 @@ fn usage_errors_exit_2() {
 fn sign_matches_the_vendor_vector() {
     let out = hookgate()
         .args(["sign", "--secret-env", "VENDOR_SECRET"])
-        .arg(vectors_dir().join("success_compact.json"))
+        .arg(payload_path("success_compact.json"))
         .env("VENDOR_SECRET", "test_key")
         .output()
         .unwrap();
@@ -122,7 +203,7 @@ fn sign_matches_the_vendor_vector() {
 fn route_explains_the_decision() {
     let out = hookgate()
         .args(["route", "--json"])
-        .arg(vectors_dir().join("success_compact.json"))
+        .arg(payload_path("success_compact.json"))
         .output()
         .unwrap();
     assert!(
@@ -158,7 +239,7 @@ async fn serve_runs_the_shipped_config_and_stops_on_sigterm() {
         ],
     )
     .await;
-    let body = std::fs::read(vectors_dir().join("error_python_default.json")).unwrap();
+    let body = payload("error_python_default.json");
     assert_eq!(gw.post(&body).await.status(), 202);
     // The shipped destinations are cluster names that do not resolve here:
     // the job waits in the spool and is retried.
@@ -215,7 +296,7 @@ fn a_wrong_expectation_fails_with_a_readable_diff() {
     )
     .unwrap();
     std::fs::copy(
-        vectors_dir().join("success_compact.json"),
+        payload_path("success_compact.json"),
         dir.path().join("high.json"),
     )
     .unwrap();
@@ -263,19 +344,19 @@ expect_rules = ["high-risk"]
 async fn send_to_listen_round_trip() {
     let port = free_port();
     let bin = assert_cmd::cargo::cargo_bin!("hookgate");
-    let mut listen = std::process::Command::new(bin)
-        .args([
-            "listen",
-            "--port",
-            &port.to_string(),
-            "--secret-env",
-            "TRY_SECRET",
-        ])
-        .env("TRY_SECRET", "try-it-secret-1234567")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let listen = ChildGuard::spawn(
+        std::process::Command::new(bin)
+            .args([
+                "listen",
+                "--port",
+                &port.to_string(),
+                "--secret-env",
+                "TRY_SECRET",
+            ])
+            .env("TRY_SECRET", "try-it-secret-1234567")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null()),
+    );
     let client = reqwest::Client::builder().build().unwrap();
     eventually(Duration::from_secs(10), "listen is up", || {
         let req = client
@@ -285,7 +366,7 @@ async fn send_to_listen_round_trip() {
         async move { req.await.is_ok() }
     })
     .await;
-    let payload = vectors_dir().join("success_compact.json");
+    let payload = payload_path("success_compact.json");
     let send = |secret: &'static str| {
         hookgate()
             .args([
@@ -309,8 +390,7 @@ async fn send_to_listen_round_trip() {
     assert!(String::from_utf8_lossy(&good.stdout).starts_with("200"));
     let bad = send("some-other-secret-000");
     assert!(bad.status.success());
-    listen.kill().unwrap();
-    let out = listen.wait_with_output().unwrap();
+    let out = listen.kill_with_output();
     let printed = String::from_utf8_lossy(&out.stdout);
     assert!(
         printed.contains("POST /results?tenant=acme") && printed.contains("signature OK"),
@@ -424,7 +504,7 @@ fn config_problems_name_their_line_or_variable() {
             valid,
             &[("HOOKGATE_DELIVERY__TIMEOUT", "5")],
             &[
-                "HOOKGATE_DELIVERY__TIMEOUT: delivery.timeout: found unsigned int `5`, expected a duration (write a unit: \"5s\"",
+                "HOOKGATE_DELIVERY__TIMEOUT: delivery.timeout: found the number 5, expected a duration (write a unit: \"5s\"",
             ],
         ),
     ];

@@ -23,9 +23,7 @@ struct Case {
 /// Every vendor vector gets its verdict, and rejections their reason.
 #[tokio::test]
 async fn vendor_vectors() {
-    let dir = vectors_dir();
-    let vectors: Vectors =
-        serde_json::from_slice(&std::fs::read(dir.join("signatures.json")).unwrap()).unwrap();
+    let vectors: Vectors = serde_json::from_slice(&payload("signatures.json")).unwrap();
     assert!(vectors.cases.len() >= 20, "the vectors file shrank");
     let down = Downstream::start([]).await;
     let mut by_secrets: BTreeMap<Vec<String>, Vec<Case>> = BTreeMap::new();
@@ -51,7 +49,7 @@ async fn vendor_vectors() {
             .start()
             .await;
         for case in cases {
-            let body = std::fs::read(dir.join(&case.body)).unwrap();
+            let body = payload(&case.body);
             let before = gw.metrics().await;
             let response = gw.post_with(&body, "", case.header.as_deref()).await;
             let after = gw.metrics().await;
@@ -101,7 +99,7 @@ headers = {{ "X-Priority" = "high" }}
         down.url("/webhooks/unitary")
     );
     let gw = GatewayBuilder::new(rules).start().await;
-    let body = std::fs::read(vectors_dir().join("success_pretty.json")).unwrap();
+    let body = payload("success_pretty.json");
     let signature = sign(&body);
     let response = gw.post_with(&body, "tenant=acme", Some(&signature)).await;
     assert_eq!(response.status(), 200);

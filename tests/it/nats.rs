@@ -1,7 +1,7 @@
 //! The NATS JetStream queue against a real 3-node cluster on 127.0.0.1.
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use hookgate::config::NatsConfig;
@@ -17,7 +17,7 @@ pub struct NatsCluster {
     routes: Vec<u16>,
     /// Each server's monitoring port (`/healthz`).
     monitors: Vec<u16>,
-    pub servers: Vec<Option<Child>>,
+    pub servers: Vec<Option<ChildGuard>>,
 }
 
 impl NatsCluster {
@@ -74,13 +74,13 @@ impl NatsCluster {
         }
         let path = self.dir.path().join(format!("n{i}.conf"));
         std::fs::write(&path, conf).unwrap();
-        let child = Command::new("nats-server")
-            .arg("-c")
-            .arg(&path)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(self.dir.path().join(format!("n{i}.log"))).unwrap())
-            .spawn()
-            .expect("nats-server is installed (apt-get install nats-server)");
+        let child = ChildGuard::spawn(
+            Command::new("nats-server")
+                .arg("-c")
+                .arg(&path)
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(self.dir.path().join(format!("n{i}.log"))).unwrap()),
+        );
         self.servers[i] = Some(child);
     }
 
@@ -103,10 +103,7 @@ impl NatsCluster {
 
     /// Kills server `i` (SIGKILL); its store stays.
     pub fn kill(&mut self, i: usize) {
-        if let Some(mut child) = self.servers[i].take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.servers[i] = None;
     }
 
     /// Starts server `i` again on its store, and waits until its
@@ -122,10 +119,7 @@ impl NatsCluster {
 
     /// Kills every server (SIGKILL); their stores stay.
     pub fn stop_all(&mut self) {
-        for child in self.servers.iter_mut().flatten() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.servers.iter_mut().for_each(|server| *server = None);
     }
 
     /// Starts every server again on its store.
@@ -181,15 +175,6 @@ impl NatsCluster {
             prefix: prefix.to_owned(),
             replicas,
             ..NatsConfig::default()
-        }
-    }
-}
-
-impl Drop for NatsCluster {
-    fn drop(&mut self) {
-        for child in self.servers.iter_mut().flatten() {
-            let _ = child.kill();
-            let _ = child.wait();
         }
     }
 }
@@ -696,13 +681,13 @@ async fn a_token_from_a_file_is_used() {
         ),
     )
     .unwrap();
-    let mut server = Command::new("nats-server")
-        .arg("-c")
-        .arg(&conf)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let server = ChildGuard::spawn(
+        Command::new("nats-server")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
     std::fs::write(dir.path().join("token"), "s3cret-token\n").unwrap();
     let config = NatsConfig {
         servers: vec![format!("nats://127.0.0.1:{port}")],
@@ -718,8 +703,7 @@ async fn a_token_from_a_file_is_used() {
             .map_err(|e| e.to_string()),
         Err(e) => Err(e.to_string()),
     };
-    let _ = server.kill();
-    let _ = server.wait();
+    drop(server);
     assert!(matches!(accepted, Ok(Accepted::New { .. })), "{accepted:?}");
 }
 
@@ -767,13 +751,13 @@ async fn mutual_tls_and_an_nkey() {
         user.public_key()
     );
     std::fs::write(path("n.conf"), conf).unwrap();
-    let mut server = Command::new("nats-server")
-        .arg("-c")
-        .arg(path("n.conf"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let server = ChildGuard::spawn(
+        Command::new("nats-server")
+            .arg("-c")
+            .arg(path("n.conf"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
     eventually(Duration::from_secs(10), "nats-server listening", || async {
         tokio::net::TcpStream::connect(("127.0.0.1", port))
             .await
@@ -813,8 +797,7 @@ async fn mutual_tls_and_an_nkey() {
         NatsQueue::connect(&without_cert, 1 << 30, Duration::from_secs(60)),
     )
     .await;
-    let _ = server.kill();
-    let _ = server.wait();
+    drop(server);
     assert!(matches!(accepted, Ok(Accepted::New { .. })), "{accepted:?}");
     assert!(
         !matches!(refused, Ok(Ok(_))),

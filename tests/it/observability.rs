@@ -129,21 +129,22 @@ async fn promtool_accepts_the_exposition_and_the_rules(backend: Backend) {
         202
     );
     let exposition = gw.metrics().await.0;
-    let mut child = Command::new(&promtool)
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = ChildGuard::spawn(
+        Command::new(&promtool)
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    );
     use std::io::Write;
     child
+        .child_mut()
         .stdin
         .take()
         .unwrap()
         .write_all(exposition.as_bytes())
         .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = child.into_inner().wait_with_output().unwrap();
     assert!(
         out.status.success(),
         "promtool check metrics:\n{}{}",
@@ -249,16 +250,9 @@ fn the_dashboard_imports_into_current_grafana() {
 }
 
 struct Prometheus {
-    child: std::process::Child,
+    _child: ChildGuard,
     url: String,
     _dir: tempfile::TempDir,
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 impl Prometheus {
@@ -273,20 +267,20 @@ impl Prometheus {
         )
         .unwrap();
         let port = free_port();
-        let child = Command::new(binary)
-            .arg(format!("--config.file={}", config.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.path().join("data").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .arg("--log.level=warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let child = ChildGuard::spawn(
+            Command::new(binary)
+                .arg(format!("--config.file={}", config.display()))
+                .arg(format!(
+                    "--storage.tsdb.path={}",
+                    dir.path().join("data").display()
+                ))
+                .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+                .arg("--log.level=warn")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        );
         let p = Self {
-            child,
+            _child: child,
             url: format!("http://127.0.0.1:{port}"),
             _dir: dir,
         };

@@ -14,8 +14,21 @@ use tokio::time::Instant;
 
 pub const SECRET: &str = "integration-test-secret";
 
-pub fn vectors_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/vectors")
+/// A file of `examples/payloads/`: the vendor's example bodies and the
+/// signature vectors computed over their exact bytes. Panics naming the
+/// path it looked for, so a missing fixture reads as one.
+pub fn payload_path(name: &str) -> PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("examples/payloads")
+        .join(name);
+    assert!(path.is_file(), "fixture {} is missing", path.display());
+    path
+}
+
+/// The bytes of [`payload_path`]`(name)`.
+pub fn payload(name: &str) -> Vec<u8> {
+    let path = payload_path(name);
+    std::fs::read(&path).unwrap_or_else(|e| panic!("reading fixture {}: {e}", path.display()))
 }
 
 pub fn sign(body: &[u8]) -> String {
@@ -722,11 +735,59 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// A child process that is killed and reaped when dropped, a panicking
+/// test included, so that no test leaves a process behind. Every process a
+/// test starts is held by one.
+pub struct ChildGuard(Option<std::process::Child>);
+
+impl ChildGuard {
+    /// Starts `command`; panics naming the program if it cannot.
+    pub fn spawn(command: &mut std::process::Command) -> Self {
+        match command.spawn() {
+            Ok(child) => Self(Some(child)),
+            Err(e) => panic!("starting {:?}: {e}", command.get_program()),
+        }
+    }
+
+    pub fn id(&self) -> u32 {
+        self.child().id()
+    }
+
+    pub fn child(&self) -> &std::process::Child {
+        self.0.as_ref().expect("the child is held until dropped")
+    }
+
+    pub fn child_mut(&mut self) -> &mut std::process::Child {
+        self.0.as_mut().expect("the child is held until dropped")
+    }
+
+    /// The process, no longer guarded: for a caller that waits on it itself.
+    pub fn into_inner(mut self) -> std::process::Child {
+        self.0.take().expect("the child is held until dropped")
+    }
+
+    /// SIGKILL, then its exit and whatever it wrote to piped outputs.
+    pub fn kill_with_output(self) -> std::process::Output {
+        let mut child = self.into_inner();
+        let _ = child.kill();
+        child.wait_with_output().expect("reaping a killed child")
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 /// The real `hookgate serve` process, on free loopback ports.
 pub struct BinaryGateway {
     pub webhook: SocketAddr,
     pub admin: SocketAddr,
-    child: Option<std::process::Child>,
+    child: ChildGuard,
     log: Arc<Mutex<String>>,
     /// Reads stderr into `log` until the process closes it.
     reader: Option<std::thread::JoinHandle<()>>,
@@ -749,20 +810,20 @@ impl BinaryGateway {
         webhook: SocketAddr,
         admin: SocketAddr,
     ) -> Self {
-        let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin!("hookgate"))
-            .arg("serve")
-            .arg("--config")
-            .arg(config)
-            .current_dir(cwd)
-            .env("HOOKGATE_SERVER__LISTEN", webhook.to_string())
-            .env("HOOKGATE_ADMIN__LISTEN", admin.to_string())
-            .envs(envs.iter().copied())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut child = ChildGuard::spawn(
+            std::process::Command::new(assert_cmd::cargo::cargo_bin!("hookgate"))
+                .arg("serve")
+                .arg("--config")
+                .arg(config)
+                .current_dir(cwd)
+                .env("HOOKGATE_SERVER__LISTEN", webhook.to_string())
+                .env("HOOKGATE_ADMIN__LISTEN", admin.to_string())
+                .envs(envs.iter().copied())
+                .stderr(std::process::Stdio::piped()),
+        );
         // Drained as it comes, so a chatty child never blocks on a full pipe.
         let log = Arc::new(Mutex::new(String::new()));
-        let mut stderr = child.stderr.take().unwrap();
+        let mut stderr = child.child_mut().stderr.take().unwrap();
         let sink = log.clone();
         let reader = std::thread::spawn(move || {
             use std::io::Read;
@@ -779,7 +840,7 @@ impl BinaryGateway {
         let gw = Self {
             webhook,
             admin,
-            child: Some(child),
+            child,
             log,
             reader: Some(reader),
             client: reqwest::Client::builder().build().unwrap(),
@@ -818,10 +879,8 @@ impl BinaryGateway {
     }
 
     /// SIGKILL: no chance to flush anything.
-    pub fn kill9(mut self) {
-        let mut child = self.child.take().unwrap();
-        child.kill().unwrap();
-        child.wait().unwrap();
+    pub fn kill9(self) {
+        drop(self.child);
     }
 
     /// Everything logged so far.
@@ -830,7 +889,7 @@ impl BinaryGateway {
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().unwrap().id()
+        self.child.id()
     }
 
     /// SIGTERM, then the exit code and everything logged.
@@ -844,11 +903,15 @@ impl BinaryGateway {
     }
 
     /// Waits for the process to exit: its exit code and everything logged.
-    pub async fn wait(mut self) -> (Option<i32>, String) {
-        let mut child = self.child.take().unwrap();
-        let reader = self.reader.take();
+    pub async fn wait(self) -> (Option<i32>, String) {
+        let Self {
+            mut child,
+            reader,
+            log,
+            ..
+        } = self;
         let status = tokio::task::spawn_blocking(move || {
-            let status = child.wait();
+            let status = child.child_mut().wait();
             // The whole log: the reader ends when the process's stderr does.
             if let Some(reader) = reader {
                 let _ = reader.join();
@@ -858,16 +921,7 @@ impl BinaryGateway {
         .await
         .unwrap()
         .unwrap();
-        (status.code(), self.log.lock().unwrap().clone())
-    }
-}
-
-impl Drop for BinaryGateway {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        (status.code(), log.lock().unwrap().clone())
     }
 }
 
