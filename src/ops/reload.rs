@@ -8,6 +8,15 @@
 //! routed by exactly one version. A version that fails keeps the running
 //! rules in force.
 //!
+//! A file written in place (truncated, then written) can be read half
+//! written, and a prefix cut after a whole rule is a valid file on its own:
+//! loading it would leave unrouted every job that only the missing rules
+//! route. So a changed file is loaded only once it has settled: read again
+//! after [`SETTLE`] with the same content. (Its mtime cannot tell: a
+//! ConfigMap swap keeps an old one, and a write within the same tick of the
+//! clock keeps the new one.) Renaming a new file into place needs no
+//! settling, but costs the same one quiet period.
+//!
 //! Secrets are re-read on the same schedule: a Kubernetes Secret updated in
 //! place (a rotation) takes effect without a restart. A set that cannot be
 //! read whole keeps the running secrets.
@@ -24,6 +33,15 @@ use crate::config::{Config, NamedKey};
 use crate::metrics::Metrics;
 use crate::rules::{LoadError, RuleSet};
 use crate::webhook::verify::Verifier;
+
+/// How long a changed file must stay the same before it is loaded: well
+/// above the time an editor or `cat >` takes to write a rules file (under
+/// a millisecond for tens of KiB), well below the poll interval.
+pub const SETTLE: Duration = Duration::from_millis(250);
+
+/// How long a file may keep changing before this poll gives up on it (the
+/// running rules stay; the next poll tries again).
+const SETTLE_FOR_AT_MOST: Duration = Duration::from_secs(5);
 
 /// What was last seen at the path, so that an unchanged file (or an
 /// unchanged failure) is not reloaded, logged and counted every poll.
@@ -78,12 +96,25 @@ impl Reloader {
     /// (SIGHUP and `POST /-/reload` mean "do it now").
     pub async fn reload(&self, force: bool) -> Result<Reloaded, LoadError> {
         let mut seen = self.seen.lock().await;
-        let (now, bytes) = match tokio::fs::read(&self.path).await {
-            Ok(bytes) => (Seen::Content(Sha256::digest(&bytes).into()), Ok(bytes)),
-            Err(e) => (Seen::Unreadable(e.to_string()), Err(e)),
-        };
+        let (mut now, mut bytes) = self.read().await;
         if !force && now == *seen {
             return Ok(Reloaded::Unchanged);
+        }
+        let started = tokio::time::Instant::now();
+        loop {
+            tokio::time::sleep(SETTLE).await;
+            let (again, again_bytes) = self.read().await;
+            if again == now {
+                break;
+            }
+            if started.elapsed() >= SETTLE_FOR_AT_MOST {
+                tracing::warn!(
+                    file = %self.path.display(),
+                    "the rules file kept changing for {SETTLE_FOR_AT_MOST:?}; the running rules stay, the next poll looks again"
+                );
+                return Ok(Reloaded::Unchanged);
+            }
+            (now, bytes) = (again, again_bytes);
         }
         *seen = now;
         let result = bytes
@@ -109,6 +140,14 @@ impl Reloader {
                 tracing::error!(file = %self.path.display(), "rules reload failed, the previous rules stay in force: {e}");
                 Err(e)
             }
+        }
+    }
+
+    /// The file's content and what identifies it.
+    async fn read(&self) -> (Seen, std::io::Result<Vec<u8>>) {
+        match tokio::fs::read(&self.path).await {
+            Ok(bytes) => (Seen::Content(Sha256::digest(&bytes).into()), Ok(bytes)),
+            Err(e) => (Seen::Unreadable(e.to_string()), Err(e)),
         }
     }
 

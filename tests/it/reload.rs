@@ -212,12 +212,15 @@ async fn reloads_under_load_never_mix_versions() {
     assert!(sent.len() >= 40, "only {} webhooks under load", sent.len());
     let received = down.wait_for(2 * sent.len(), Duration::from_secs(10)).await;
     let timeline = timeline.lock().await;
+    let mut rules_of: std::collections::HashMap<&str, Vec<&str>> = Default::default();
+    for r in &received {
+        rules_of
+            .entry(r.header("x-hookgate-job-id").unwrap())
+            .or_default()
+            .push(r.header("x-hookgate-rule").unwrap());
+    }
     for (id, started, answered) in &sent {
-        let rules: Vec<&str> = received
-            .iter()
-            .filter(|r| r.header("x-hookgate-job-id") == Some(id.as_str()))
-            .map(|r| r.header("x-hookgate-rule").unwrap())
-            .collect();
+        let rules = rules_of.get(id.as_str()).cloned().unwrap_or_default();
         assert_eq!(rules.len(), 2, "{id}: {rules:?}");
         let version = rules[0].split('-').next().unwrap();
         assert!(
@@ -327,6 +330,82 @@ async fn a_rules_file_caught_empty_is_refused_under_load() {
     assert_eq!(
         m.get("hookgate_jobs_routed_total", "rule=\"unrouted\""),
         0.0
+    );
+    assert!(statuses.len() > 20, "{} webhooks", statuses.len());
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    gw.stop().await;
+}
+
+/// Rules written in place and caught part-way, cut at random bytes (half
+/// the time just after the first rule, where the prefix is a valid file
+/// on its own), while a reload is asked for at that moment: a changed file
+/// is loaded only once it has settled, so under load no webhook goes
+/// unrouted, and the whole file is what ends up in force.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rules_file_caught_half_written_is_not_loaded() {
+    let down = Downstream::start([]).await;
+    let rules = format!(
+        r#"[destinations.a]
+url = "{}"
+
+[[rules]]
+name = "flagged"
+match = {{ flagged = true }}
+forward = ["a"]
+
+[[rules]]
+name = "default"
+forward = ["a"]
+"#,
+        down.url("/")
+    );
+    let boundary = rules.find("\n[[rules]]\nname = \"default\"").unwrap() + 1;
+    let gw = GatewayBuilder::new(rules.clone())
+        .config("[rules]\nreload_interval = \"50ms\"")
+        .admin_token("reload-token")
+        .start()
+        .await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (client, url, stop) = (gw.client.clone(), gw.url("/results"), stop.clone());
+        tokio::spawn(async move {
+            let mut statuses = Vec::new();
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let response = post_signed(&client, &url, job(&format!("cut-{i}"), &[])).await;
+                statuses.push(response.status().as_u16());
+                i += 1;
+            }
+            statuses
+        })
+    };
+    let file = gw.dir().join("rules.toml");
+    let mut rng = fastrand::Rng::with_seed(23);
+    for _ in 0..20 {
+        let cut = if rng.bool() {
+            boundary
+        } else {
+            rng.usize(1..rules.len())
+        };
+        std::fs::write(&file, &rules.as_bytes()[..cut]).unwrap();
+        let reload = gw.reload(Some("reload-token"));
+        let finish = async {
+            // A writer that takes a moment to write the rest.
+            tokio::time::sleep(Duration::from_millis(rng.u64(0..20))).await;
+            std::fs::write(&file, &rules).unwrap();
+        };
+        let (response, ()) = tokio::join!(reload, finish);
+        assert!(response.status().is_success() || response.status() == 422);
+    }
+    gw.wait_for_metric("hookgate_config_last_reload_successful", "", 1.0)
+        .await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let statuses = load.await.unwrap();
+    let m = gw.metrics().await;
+    assert_eq!(
+        m.get("hookgate_jobs_routed_total", "rule=\"unrouted\""),
+        0.0,
+        "webhooks routed by a half-written file"
     );
     assert!(statuses.len() > 20, "{} webhooks", statuses.len());
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
