@@ -26,6 +26,7 @@ pub const REJECT_REASONS: &[&str] = &[
     "too_large",
     "malformed",
     "overloaded",
+    "queue_unavailable",
     "draining",
 ];
 

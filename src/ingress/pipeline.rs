@@ -48,8 +48,11 @@ pub enum Rejection {
     /// The body's framing was broken (a bad chunk, a connection cut short).
     #[error("the request body is malformed: {0}")]
     BadBody(String),
+    /// The queue did not take it: full (`overloaded`), or unable to store
+    /// anything now (`queue_unavailable`: a failing disk, JetStream down
+    /// or without a leader).
     #[error("not accepted, retry later: {0}")]
-    Overloaded(#[from] QueueError),
+    Queue(#[from] QueueError),
     #[error("the gateway is shutting down")]
     Draining,
 }
@@ -60,7 +63,8 @@ impl Rejection {
             Self::Signature(e) => e.reason(),
             Self::TooLarge { .. } => "too_large",
             Self::NotAJob(_) | Self::SlowBody(_) | Self::BadBody(_) => "malformed",
-            Self::Overloaded(_) => "overloaded",
+            Self::Queue(e) if e.is_full() => "overloaded",
+            Self::Queue(_) => "queue_unavailable",
             Self::Draining => "draining",
         }
     }
@@ -71,14 +75,14 @@ impl Rejection {
             Self::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::NotAJob(_) | Self::BadBody(_) => StatusCode::BAD_REQUEST,
             Self::SlowBody(_) => StatusCode::REQUEST_TIMEOUT,
-            Self::Overloaded(_) | Self::Draining => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Queue(_) | Self::Draining => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
     /// Refusals the sender should retry come with `Retry-After`.
     pub fn retry_after(&self) -> Option<&'static str> {
         match self {
-            Self::Overloaded(_) => Some("10"),
+            Self::Queue(_) => Some("10"),
             Self::Draining => Some("5"),
             _ => None,
         }

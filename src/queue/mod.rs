@@ -19,6 +19,18 @@ pub enum QueueError {
     Nats(#[from] NatsError),
 }
 
+impl QueueError {
+    /// The queue holds all it may (`spool.max_bytes`): the sender should
+    /// slow down. Anything else means it cannot store now.
+    pub fn is_full(&self) -> bool {
+        matches!(
+            self,
+            QueueError::Embedded(SpoolError::Full { .. })
+                | QueueError::Nats(NatsError::Full { .. })
+        )
+    }
+}
+
 /// What a replay did.
 #[derive(Debug, Default, serde::Serialize)]
 pub struct ReplayReport {

@@ -15,6 +15,9 @@
 
 use std::time::Duration;
 
+use async_nats::jetstream::context::{
+    CreateStreamError, CreateStreamErrorKind, PublishError, PublishErrorKind,
+};
 use async_nats::jetstream::{self, consumer::pull, stream};
 use base64::Engine as _;
 use tokio::time::Instant;
@@ -25,6 +28,10 @@ use futures_util::TryStreamExt;
 
 use crate::config::NatsConfig;
 use crate::queue::embedded::{Accepted, DeadFilter, NewJob, Record, StoredJob};
+
+/// How long JetStream may take to acknowledge a publish before the
+/// webhook is refused (503), never left hanging.
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Why the queue could not be reached or used.
 #[derive(Debug, thiserror::Error)]
@@ -37,8 +44,25 @@ pub enum NatsError {
         name: String,
         message: String,
     },
+    /// Set-up that no retry can fix (the configuration asks for what the
+    /// server cannot do): start-up stops at once with this sentence.
+    #[error("{0}")]
+    Unsupported(String),
     #[error("JetStream did not take the webhook: {0}")]
     Publish(String),
+    /// The stream exists but no server answers for it: its replicas are
+    /// electing a leader (a server restarted or was lost).
+    #[error(
+        "the JetStream stream {stream} has no leader yet; webhooks are refused until one is elected"
+    )]
+    NoLeader { stream: String },
+    /// Connected, yet the stream did not acknowledge in time.
+    #[error(
+        "the JetStream stream {stream} did not answer within {after:?}: no leader elected yet, or its servers are overloaded"
+    )]
+    Silent { stream: String, after: Duration },
+    #[error("not connected to NATS (the client is reconnecting)")]
+    Disconnected,
     #[error("the deliveries stream holds {stored} bytes, spool.max_bytes is {max}")]
     Full { stored: u64, max: u64 },
 }
@@ -172,13 +196,19 @@ impl NatsQueue {
         // A publish that JetStream does not acknowledge within this is
         // refused (503), never left hanging.
         let js = jetstream::ContextBuilder::new()
-            .timeout(Duration::from_secs(2))
+            .timeout(PUBLISH_TIMEOUT)
             .build(client.clone());
         let names = Names::new(&config.prefix);
         // A cluster that has just started elects its JetStream leader
         // first: set-up is tried again until `unavailable_after`.
+        // On a new cluster, and with replicas starting together, the
+        // first request to create each R3 stream often goes unanswered
+        // (measured: two replicas at once were ready after 2.6-3.1 s, each
+        // stream created on a second try): a set-up that succeeds within
+        // 10 s is no news. One that keeps failing (too little storage,
+        // say) is a WARN then, and every 5 s after.
         let deadline = tokio::time::Instant::now() + config.unavailable_after;
-        let mut next_warning = tokio::time::Instant::now();
+        let mut next_warning = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
             match setup(&js, &names, config, max_bytes, window).await {
                 Ok(seen) => {
@@ -194,14 +224,15 @@ impl NatsQueue {
                         stored_bytes: std::sync::atomic::AtomicU64::new(0),
                     });
                 }
+                Err(e @ NatsError::Unsupported(_)) => return Err(e),
                 Err(e) if tokio::time::Instant::now() < deadline => {
-                    // Said at once and every 5 s: a refusal that lasts (too
-                    // little storage for the streams, say) is not silent.
                     if tokio::time::Instant::now() >= next_warning {
                         tracing::warn!(
                             "JetStream set-up failed, trying again until spool.nats.unavailable_after: {e}"
                         );
                         next_warning += Duration::from_secs(5);
+                    } else {
+                        tracing::debug!("JetStream set-up failed, trying again: {e}");
                     }
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
@@ -218,12 +249,12 @@ impl NatsQueue {
     /// publishes again, and the message ids store nothing twice.
     pub async fn accept(&self, job: NewJob) -> Result<Accepted, NatsError> {
         let seen = self.names.seen_subject(&job.job.job_id);
-        let failed = |e: &dyn std::fmt::Display| NatsError::Publish(e.to_string());
+        let (deliveries, seen_stream) = (self.names.deliveries(), self.names.seen());
         // Asked first: a duplicate is acknowledged even while intake is full.
         match self.seen.direct_get_last_for_subject(&seen).await {
             Ok(_) => return Ok(Accepted::Duplicate),
             Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => {}
-            Err(e) => return Err(failed(&e)),
+            Err(e) => return Err(self.lookup_failed(&seen_stream, &e)),
         }
         let stored = self.stored_bytes.load(std::sync::atomic::Ordering::Relaxed);
         if stored >= self.max_bytes {
@@ -254,13 +285,15 @@ impl NatsQueue {
                 self.js
                     .publish_with_headers(queued, headers, payload.into())
                     .await
-                    .map_err(|e| failed(&e))?,
+                    .map_err(|e| self.publish_failed(&deliveries, &e))?,
             );
         }
         let mut pending = Vec::new();
         let mut dead = Vec::new();
         for (record, ack) in job.records.into_iter().zip(acks) {
-            let ack = ack.await.map_err(|e| failed(&e))?;
+            let ack = ack
+                .await
+                .map_err(|e| self.publish_failed(&deliveries, &e))?;
             match record.dead_reason {
                 Some(_) => dead.push(record),
                 None => pending.push((ack.sequence, record)),
@@ -269,10 +302,51 @@ impl NatsQueue {
         self.js
             .publish(seen, SEEN.into())
             .await
-            .map_err(|e| failed(&e))?
+            .map_err(|e| self.publish_failed(&seen_stream, &e))?
             .await
-            .map_err(|e| failed(&e))?;
+            .map_err(|e| self.publish_failed(&seen_stream, &e))?;
         Ok(Accepted::New { pending, dead })
+    }
+
+    /// A publish to `stream` that failed, said as what it means.
+    fn publish_failed(&self, stream: &str, e: &PublishError) -> NatsError {
+        match e.kind() {
+            // No server answered for a stream set up at start: it has lost
+            // its leader (the client says "no stream found").
+            PublishErrorKind::StreamNotFound => NatsError::NoLeader {
+                stream: stream.to_owned(),
+            },
+            PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe => self.timed_out(stream),
+            _ => NatsError::Publish(e.to_string()),
+        }
+    }
+
+    /// The dedupe lookup in `stream` that failed, said as what it means.
+    fn lookup_failed(&self, stream: &str, e: &stream::DirectGetError) -> NatsError {
+        match e.kind() {
+            stream::DirectGetErrorKind::ErrorResponse(status, _)
+                if status == async_nats::StatusCode::NO_RESPONDERS =>
+            {
+                NatsError::NoLeader {
+                    stream: stream.to_owned(),
+                }
+            }
+            stream::DirectGetErrorKind::TimedOut => self.timed_out(stream),
+            _ => NatsError::Publish(e.to_string()),
+        }
+    }
+
+    /// A request to `stream` that was not answered: the connection is
+    /// gone, or the stream is silent.
+    fn timed_out(&self, stream: &str) -> NatsError {
+        if self.client.connection_state() == async_nats::connection::State::Connected {
+            NatsError::Silent {
+                stream: stream.to_owned(),
+                after: PUBLISH_TIMEOUT,
+            }
+        } else {
+            NatsError::Disconnected
+        }
     }
 
     /// Publishes `payload` with message id `id` (JetStream stores it once
@@ -385,6 +459,29 @@ async fn options(config: &NatsConfig) -> Result<async_nats::ConnectOptions, Nats
     Ok(options)
 }
 
+/// What a stream's creation was refused for, in one sentence: `Ok` for a
+/// refusal no retry can fix, `Err` for one that may pass (no leader yet, a
+/// timeout, too little storage for now). JetStream's own description is
+/// used once, without the client's repetition of it.
+fn setup_problem(e: &CreateStreamError, config: &NatsConfig) -> Result<String, String> {
+    use async_nats::jetstream::ErrorCode;
+    match e.kind() {
+        CreateStreamErrorKind::JetStream(js)
+            if js.error_code() == ErrorCode::STREAM_REPLICAS_NOT_SUPPORTED =>
+        {
+            Ok(format!(
+                "spool.nats.replicas is {} but the NATS server at {} runs JetStream alone, not in a cluster: \
+                 set spool.nats.replicas = 1, or run a cluster of 3 (deploy/nats/)",
+                config.replicas,
+                config.servers.join(", ")
+            ))
+        }
+        CreateStreamErrorKind::JetStream(js) => Err(js.to_string()),
+        CreateStreamErrorKind::TimedOut => Err("JetStream did not answer in time".to_owned()),
+        other => Err(other.to_string()),
+    }
+}
+
 /// Creates, or updates to this configuration, the deliveries, dead-letter
 /// and seen streams; returns the seen stream.
 async fn setup(
@@ -398,6 +495,10 @@ async fn setup(
         what,
         name: name.to_owned(),
         message: e.to_string(),
+    };
+    let stream_failed = |name: &str, e: CreateStreamError| match setup_problem(&e, config) {
+        Ok(unsupported) => NatsError::Unsupported(unsupported),
+        Err(message) => failed("stream", name, &message),
     };
     let deliveries = names.deliveries();
     let room = max_bytes.saturating_mul(4);
@@ -424,9 +525,19 @@ async fn setup(
         ..Default::default()
     })
     .await
-    .map_err(|e| {
-        let e = format!("{e} (it asks for {room} bytes of storage: 4 x spool.max_bytes)");
-        failed("stream", &deliveries, &e)
+    .map_err(|e| match stream_failed(&deliveries, e) {
+        NatsError::Setup {
+            what,
+            name,
+            message,
+        } if message.contains("insufficient") => NatsError::Setup {
+            what,
+            name,
+            message: format!(
+                "{message} (it asks for {room} bytes of storage: 4 x spool.max_bytes)"
+            ),
+        },
+        other => other,
     })?;
     let dead = names.dead();
     js.create_or_update_stream(stream::Config {
@@ -437,7 +548,7 @@ async fn setup(
         ..Default::default()
     })
     .await
-    .map_err(|e| failed("stream", &dead, &e))?;
+    .map_err(|e| stream_failed(&dead, e))?;
     let seen = names.seen();
     js.create_or_update_stream(stream::Config {
         name: seen.clone(),
@@ -450,7 +561,7 @@ async fn setup(
         ..Default::default()
     })
     .await
-    .map_err(|e| failed("stream", &seen, &e))?;
+    .map_err(|e| stream_failed(&seen, e))?;
     js.get_stream(&seen)
         .await
         .map_err(|e| failed("stream", &seen, &e))

@@ -951,3 +951,157 @@ async fn a_stream_too_big_for_jetstream_fails_start_up_with_the_reason() {
         started.elapsed()
     );
 }
+
+/// `replicas = 3` against a server that runs JetStream alone cannot work:
+/// start-up stops at once, with one sentence saying exactly that (not the
+/// client's message twice and an unrelated storage hint), exit 1.
+#[tokio::test]
+#[ignore = "needs nats-server (apt-get install nats-server); CI runs it"]
+async fn three_replicas_on_a_server_not_clustered_is_one_sentence() {
+    if !nats_server() {
+        return;
+    }
+    let cluster = NatsCluster::start(1).await;
+    let (dir, config) = GatewayBuilder::forward_all_to("http://127.0.0.1:9/")
+        .config("[delivery]\nmode = \"durable\"")
+        .config(&cluster.spool("prefix = \"alone\", replicas = 3, unavailable_after = \"20s\""))
+        .write();
+    let started = std::time::Instant::now();
+    let out = assert_cmd::Command::new(assert_cmd::cargo::cargo_bin!("hookgate"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .current_dir(dir.path())
+        .env("HOOKGATE_SECRET", SECRET)
+        .env(
+            "HOOKGATE_SERVER__LISTEN",
+            format!("127.0.0.1:{}", free_port()),
+        )
+        .env(
+            "HOOKGATE_ADMIN__LISTEN",
+            format!("127.0.0.1:{}", free_port()),
+        )
+        .timeout(Duration::from_secs(30))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let sentence = format!(
+        "error: spool.nats.replicas is 3 but the NATS server at nats://127.0.0.1:{} runs JetStream alone, \
+         not in a cluster: set spool.nats.replicas = 1, or run a cluster of 3 (deploy/nats/)",
+        cluster.clients[0]
+    );
+    assert!(stderr.lines().any(|l| l == sentence), "{stderr}");
+    assert_eq!(stderr.matches("not in a cluster").count(), 1, "{stderr}");
+    assert!(!stderr.contains("storage"), "{stderr}");
+    assert!(!stderr.contains("\"WARN\""), "{stderr}");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+/// With two of three servers gone the streams have no leader: a webhook is
+/// refused at once with 503, `queue_unavailable`, and a sentence that
+/// says so, not `overloaded` and the client's "no stream found".
+#[tokio::test]
+#[ignore = "needs nats-server (apt-get install nats-server); CI runs it"]
+async fn a_stream_without_a_leader_is_named_in_the_refusal() {
+    if !nats_server() {
+        return;
+    }
+    let mut cluster = NatsCluster::start(3).await;
+    let down = Downstream::start([]).await;
+    let (dir, config) = cluster
+        .gateway("leaderless", "", &down.url("/hook"))
+        .await
+        .write();
+    let gw = BinaryGateway::spawn(dir.path(), &config, &[]).await;
+    assert_eq!(gw.post(&job("l-before", &[])).await.status(), 202);
+    cluster.kill(1);
+    cluster.kill(2);
+    // Until the client, if it was on a server now gone, is on the one left
+    // and hears that the stream has no leader; every refusal on the way is
+    // queue_unavailable too.
+    let mut answers = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let response = gw
+            .post(&job(&format!("l-during-{}", answers.len()), &[]))
+            .await;
+        let status = response.status();
+        let body: serde_json::Value = response.json().await.unwrap();
+        let named = body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("has no leader yet"));
+        answers.push((status, body));
+        if named {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{answers:#?}");
+    }
+    let m = gw.metrics().await;
+    for (status, body) in &answers {
+        assert_eq!(*status, 503, "{body}");
+        assert_eq!(body["reason"], "queue_unavailable", "{body}");
+    }
+    let last = answers.last().unwrap().1["message"].as_str().unwrap();
+    assert!(
+        last.contains("the JetStream stream leaderless_") && last.contains(" has no leader yet"),
+        "{last}"
+    );
+    // The WARN line reaches the log reader shortly after the answer.
+    eventually(
+        Duration::from_secs(5),
+        "the log names the missing leader",
+        || async { gw.log().contains("no leader") },
+    )
+    .await;
+    let log = gw.log();
+    assert!(!log.contains("no stream found"), "{log}");
+    assert!(!log.contains("no responders"), "{log}");
+    assert_eq!(
+        m.get("hookgate_webhooks_rejected_total", "reason=\"overloaded\""),
+        0.0
+    );
+    assert_eq!(
+        m.get(
+            "hookgate_webhooks_rejected_total",
+            "reason=\"queue_unavailable\""
+        ),
+        answers.len() as f64
+    );
+}
+
+/// Two replicas starting together on a new cluster race to create the
+/// streams: neither logs a WARN for a set-up that then succeeds, and both
+/// take webhooks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs nats-server (apt-get install nats-server); CI runs it"]
+async fn two_replicas_starting_together_warn_of_nothing() {
+    if !nats_server() {
+        return;
+    }
+    let cluster = NatsCluster::start(3).await;
+    let (dir, config) = GatewayBuilder::forward_all_to("http://127.0.0.1:9/")
+        .config("[delivery]\nmode = \"durable\"")
+        .config(&cluster.spool("prefix = \"together\", replicas = 3"))
+        .write();
+    let (a, b) = tokio::join!(
+        BinaryGateway::spawn(dir.path(), &config, &[]),
+        BinaryGateway::spawn(dir.path(), &config, &[]),
+    );
+    for (i, gw) in [&a, &b].into_iter().enumerate() {
+        assert_eq!(
+            gw.post(&job(&format!("together-{i}"), &[])).await.status(),
+            202
+        );
+        let log = gw.log();
+        let warned: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("WARN") && l.contains("JetStream"))
+            .collect();
+        assert!(warned.is_empty(), "{warned:#?}");
+        assert!(log.contains("JetStream streams ready"), "{log}");
+    }
+}
