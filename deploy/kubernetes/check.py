@@ -9,14 +9,18 @@
 - base/hookgate.toml and base/rules.toml (the ConfigMap's files) pass
   `hookgate check`;
 - built with `kubectl kustomize` where kubectl is installed (otherwise
-  reported as skipped), the base's generated ConfigMap and Secret validate
-  too (from secrets.env.example when secrets.env is absent);
+  reported as skipped), the base builds as it is in a clone and its
+  generated ConfigMap validates too;
+- secret.sh refuses an empty secret, and otherwise prints a Secret that
+  validates, with the keys the Deployment mounts;
 - the termination grace period covers the preStop sleep plus
   shutdown.grace;
 - the JetStream overlay (jetstream/, built with `kubectl kustomize` where
   kubectl is installed; otherwise reported as skipped) validates the same
   way, runs 3 replicas with no spool volume, and its hookgate.toml passes
-  `hookgate check` with spool.backend = "nats".
+  `hookgate check` with spool.backend = "nats"; its rules.toml is the
+  base's (a link, so `hookgate check --config jetstream/hookgate.toml`
+  checks what the pods get).
 
 Usage: check.py HOOKGATE_BINARY
 """
@@ -99,13 +103,14 @@ def main(hookgate):
     built = build("")
     if built is not None:
         for doc in built:
-            if doc["kind"] in ("ConfigMap", "Secret"):
+            if doc["kind"] == "ConfigMap":
                 try:
                     kubernetes_validate.validate(doc, KUBERNETES, strict=True)
                     print(f"ok   generated {doc['kind']} {doc['metadata']['name']} (strict)")
                 except kubernetes_validate.ValidationError as e:
                     fail(f"generated {doc['kind']}: {e.message}")
     check_overlay(hookgate)
+    check_secret_script()
 
     if failures:
         print(f"{len(failures)} problems")
@@ -132,28 +137,49 @@ def check_config(hookgate, what, files):
 
 def build(directory):
     """`kubectl kustomize` of a directory under deploy/kubernetes, as
-    documents; None (reported) without kubectl or on failure. The example
-    secrets stand in for secrets.env while building, if it is absent."""
+    documents; None (reported) without kubectl or on failure."""
     if shutil.which("kubectl") is None:
         print(f"SKIP kustomize build of {directory or '.'}: kubectl is not installed")
         return None
-    secrets = HERE / "secrets.env"
-    made = not secrets.exists()
-    if made:
-        shutil.copy(HERE / "secrets.env.example", secrets)
-    try:
-        out = subprocess.run(
-            ["kubectl", "kustomize", str(KUBERNETES_DIR / directory)],
-            capture_output=True,
-            text=True,
-        )
-    finally:
-        if made:
-            secrets.unlink()
+    out = subprocess.run(
+        ["kubectl", "kustomize", str(KUBERNETES_DIR / directory)],
+        capture_output=True,
+        text=True,
+    )
     if out.returncode != 0:
         fail(f"{directory or '.'}: kubectl kustomize failed: {out.stderr}")
         return None
     return list(yaml.safe_load_all(out.stdout))
+
+
+def check_secret_script():
+    """secret.sh: an empty secret is refused; a real one becomes a Secret
+    with the files the Deployment mounts."""
+    script = KUBERNETES_DIR / "secret.sh"
+    empty = subprocess.run([script], capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "VENDOR_SECRET": ""})
+    if empty.returncode != 1 or "VENDOR_SECRET is empty" not in empty.stderr:
+        fail(f"secret.sh accepted an empty secret: {empty.returncode} {empty.stderr}")
+    else:
+        print("ok   secret.sh refuses an empty VENDOR_SECRET")
+    if shutil.which("kubectl") is None:
+        print("SKIP secret.sh output: kubectl is not installed")
+        return
+    env = {"PATH": "/usr/bin:/bin", "VENDOR_SECRET": "a-vendor-secret-of-length", "PREVIOUS_SECRET": "the-one-before-it-0000"}
+    made = subprocess.run([script], capture_output=True, text=True, env=env)
+    if made.returncode != 0:
+        fail(f"secret.sh failed: {made.stderr}")
+        return
+    secret = yaml.safe_load(made.stdout)
+    try:
+        kubernetes_validate.validate(secret, KUBERNETES, strict=True)
+    except kubernetes_validate.ValidationError as e:
+        fail(f"secret.sh: {e.message}")
+        return
+    keys = set(secret["data"])
+    if secret["metadata"]["name"] != "hookgate-secrets" or keys != {"current", "previous", "admin-token"}:
+        fail(f"secret.sh made {secret['metadata']['name']} with {sorted(keys)}")
+    else:
+        print("ok   secret.sh makes hookgate-secrets with current, previous and admin-token (strict)")
 
 
 def check_overlay(hookgate):
@@ -178,6 +204,9 @@ def check_overlay(hookgate):
         fail("jetstream/: not 3 replicas without a spool volume")
     else:
         print("ok   jetstream/: 3 replicas, no spool volume, every resource valid (strict)")
+    link = KUBERNETES_DIR / "jetstream" / "rules.toml"
+    if not link.is_symlink() or link.resolve() != (HERE / "rules.toml").resolve():
+        fail("jetstream/rules.toml is not a link to base/rules.toml")
     config = docs["ConfigMap"]["data"]
     if tomllib.loads(config["hookgate.toml"])["spool"].get("backend") != "nats":
         fail("jetstream/: hookgate.toml does not use the nats backend")
