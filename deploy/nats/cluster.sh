@@ -35,7 +35,11 @@ run() { # NAME CONFIG
     echo "$1 is already running (pid $(cat "$dir/$1.pid"))"
     return
   fi
-  (cd "$dir" && nohup nats-server -c "$here/$2" >"$dir/$1.log" 2>&1 & echo $! >"$dir/$1.pid")
+  (
+    cd "$dir"
+    nohup nats-server -c "$here/$2" >"$dir/$1.log" 2>&1 &
+    echo $! >"$dir/$1.pid"
+  )
   echo "$1 started (pid $(cat "$dir/$1.pid")), log $dir/$1.log"
 }
 
@@ -72,7 +76,9 @@ case "${1:-}" in
   stop)
     for f in "$dir"/*.pid; do
       [ -e "$f" ] || exit 0
-      kill "$(cat "$f")" 2>/dev/null || true
+      pid=$(cat "$f")
+      kill "$pid" 2>/dev/null || true
+      for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
       rm -f "$f"
     done
     echo "stopped (data kept in $dir; rm -rf it to start afresh)"
