@@ -288,6 +288,35 @@ async fn deleted_rules_file_keeps_the_rules() {
     );
 }
 
+/// Webhooks sent one after another until stopped, each with a new job id.
+struct SteadyLoad {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<Vec<u16>>,
+}
+
+impl SteadyLoad {
+    fn start(gw: &TestGateway, prefix: &'static str) -> Self {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (client, url, stopped) = (gw.client.clone(), gw.url("/results"), stop.clone());
+        let task = tokio::spawn(async move {
+            let mut statuses = Vec::new();
+            while !stopped.load(std::sync::atomic::Ordering::SeqCst) {
+                let id = format!("{prefix}-{}", statuses.len());
+                let response = post_signed(&client, &url, job(&id, &[])).await;
+                statuses.push(response.status().as_u16());
+            }
+            statuses
+        });
+        Self { stop, task }
+    }
+
+    /// Stops it; the status of every webhook sent.
+    async fn stop(self) -> Vec<u16> {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.task.await.unwrap()
+    }
+}
+
 /// Rules written in place (truncated, then written), as an editor or
 /// `cat > rules.toml` does, under load: the poller meets the empty file,
 /// refuses it, and no webhook is left unrouted.
@@ -299,20 +328,7 @@ async fn a_rules_file_caught_empty_is_refused_under_load() {
         .config("[rules]\nreload_interval = \"50ms\"")
         .start()
         .await;
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let load = {
-        let (client, url, stop) = (gw.client.clone(), gw.url("/results"), stop.clone());
-        tokio::spawn(async move {
-            let mut statuses = Vec::new();
-            let mut i = 0;
-            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                let response = post_signed(&client, &url, job(&format!("in-place-{i}"), &[])).await;
-                statuses.push(response.status().as_u16());
-                i += 1;
-            }
-            statuses
-        })
-    };
+    let load = SteadyLoad::start(&gw, "in-place");
     let file = gw.dir().join("rules.toml");
     for _ in 0..5 {
         std::fs::File::create(&file).unwrap();
@@ -323,8 +339,7 @@ async fn a_rules_file_caught_empty_is_refused_under_load() {
         gw.wait_for_metric("hookgate_config_last_reload_successful", "", 1.0)
             .await;
     }
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    let statuses = load.await.unwrap();
+    let statuses = load.stop().await;
     let m = gw.metrics().await;
     assert!(m.get("hookgate_config_reloads_total", "result=\"failure\"") >= 5.0);
     assert_eq!(
@@ -365,20 +380,7 @@ forward = ["a"]
         .admin_token("reload-token")
         .start()
         .await;
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let load = {
-        let (client, url, stop) = (gw.client.clone(), gw.url("/results"), stop.clone());
-        tokio::spawn(async move {
-            let mut statuses = Vec::new();
-            let mut i = 0;
-            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                let response = post_signed(&client, &url, job(&format!("cut-{i}"), &[])).await;
-                statuses.push(response.status().as_u16());
-                i += 1;
-            }
-            statuses
-        })
-    };
+    let load = SteadyLoad::start(&gw, "cut");
     let file = gw.dir().join("rules.toml");
     let mut rng = fastrand::Rng::with_seed(23);
     for _ in 0..20 {
@@ -399,8 +401,7 @@ forward = ["a"]
     }
     gw.wait_for_metric("hookgate_config_last_reload_successful", "", 1.0)
         .await;
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    let statuses = load.await.unwrap();
+    let statuses = load.stop().await;
     let m = gw.metrics().await;
     assert_eq!(
         m.get("hookgate_jobs_routed_total", "rule=\"unrouted\""),
