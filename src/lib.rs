@@ -17,10 +17,13 @@
 //!   drain the queue, one lane per destination, with the rules in force at
 //!   each attempt; [`delivery::origins`] isolates a destination's hosts;
 //!   [`delivery::schedule`] and [`delivery::backoff`] decide when to retry
-//!   and when to give up (pure); [`delivery::attempt`] makes and classifies
+//!   and when to give up (pure); [`delivery::follow`] says what a stored
+//!   delivery is under the rules in force (pure, for both engines and the
+//!   ingress); [`delivery::attempt`] makes and classifies
 //!   one attempt with [`delivery::client`] (hyper under a per-origin pool).
-//! - [`queue`]: what was accepted and is not yet delivered, behind one
-//!   interface ([`queue::Queue`]) with two backends: [`queue::embedded`],
+//! - [`queue`]: what was accepted and is not yet delivered: the types both
+//!   backends store ([`queue::Record`], [`queue::StoredJob`], ...), one
+//!   interface ([`queue::Queue`]) and two backends: [`queue::embedded`],
 //!   the crash-safe spool of one process (redb, group commit), delivered
 //!   by [`delivery::lanes`]; and [`queue::nats`], NATS JetStream shared by
 //!   every replica, delivered by [`delivery::pull`].

@@ -17,7 +17,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::delivery::origins::{CircuitEvent, Origin, Origins};
-use crate::queue::embedded::{OnDisk, ReadBack, SpoolError, unix_ms};
+use crate::queue::embedded::{OnDisk, ReadBack, SpoolError};
+use crate::queue::unix_ms;
 use crate::rules::DestinationName;
 
 /// The instant of a stored wall-clock time, for timers.
@@ -335,7 +336,7 @@ impl Lane {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::queue::embedded::Record;
+    use crate::queue::Record;
 
     fn lane(capacity: usize) -> Lane {
         Lane::new(DestinationName::from("d"), capacity)

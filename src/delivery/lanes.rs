@@ -26,19 +26,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::delivery::attempt::{Attempts, Delivery, Outcome, Policy};
+use crate::delivery::follow::{removed_reason, request, route_again, same_target};
 use crate::delivery::lane::{Lane, Turn, instant_of};
 use crate::delivery::origins::{Admit, CircuitEvent, Origin, Reached};
 use crate::delivery::schedule::{Next, RetryPolicy};
 use crate::metrics::{Metrics, SPOOL_OPS};
-use crate::queue::ReplayReport;
-use crate::queue::embedded::{
-    Accepted, DeadFilter, HELD_PER_DESTINATION, NewJob, Record, Recovered, Replayed, Spool,
-    SpoolError, StoredJob, unix_ms,
-};
-use crate::rules::{Destination, DestinationName, Input, RuleSet, UNROUTED};
+use crate::queue::embedded::{HELD_PER_DESTINATION, Recovered, Replayed, Spool, SpoolError};
+use crate::queue::{Accepted, DeadFilter, NewJob, Record, ReplayReport, unix_ms};
+use crate::rules::{Destination, DestinationName, RuleSet, UNROUTED};
 use crate::throttle::LogThrottle;
-use crate::webhook::job::Job;
-use crate::webhook::query::Query;
 
 /// The limits of durable delivery that are not per destination.
 #[derive(Debug, Clone, Copy)]
@@ -56,14 +52,6 @@ struct Prepared {
     origin: Origin,
     /// The rules it was made with.
     rules: Arc<RuleSet>,
-}
-
-/// The reason of a dead letter whose destination left the rules.
-pub(crate) fn removed_reason(destination: &str) -> String {
-    format!(
-        "destination_removed: {destination:?} is not in the rules in force; \
-         replay once it is back, or replay with reroute=true"
-    )
 }
 
 /// The lanes that drain the queue, one per destination, and what they
@@ -803,9 +791,7 @@ impl crate::queue::Queue for Arc<Lanes> {
         Box::pin(async move { Ok(Lanes::purge(self, filter).await?) })
     }
 
-    fn quarantined(
-        &self,
-    ) -> Result<Vec<crate::queue::embedded::Quarantined>, crate::queue::QueueError> {
+    fn quarantined(&self) -> Result<Vec<crate::queue::Quarantined>, crate::queue::QueueError> {
         Ok(self.spool.quarantined()?)
     }
 
@@ -820,106 +806,4 @@ impl crate::queue::Queue for Arc<Lanes> {
             Err("the spool is not writable".into())
         }
     }
-}
-
-/// Whether two versions of a destination send to the same place the same
-/// way: otherwise a reload retries its waiting deliveries at once.
-pub(crate) fn same_target(a: &Destination, b: &Destination) -> bool {
-    a.url.source() == b.url.source()
-        && a.headers == b.headers
-        && a.transport.id() == b.transport.id()
-}
-
-/// The spool records for a routing decision: one per destination, dead at
-/// once when its URL cannot be filled in, one `unrouted` dead letter when no
-/// rule matched, none when a rule dropped the job.
-pub fn records_for(
-    decision: &crate::rules::Decision<'_>,
-    job_id: &str,
-    now_ms: u64,
-) -> Vec<Record> {
-    let record = |destination: &str, rule: &str| Record {
-        job: 0,
-        job_id: job_id.to_owned(),
-        destination: destination.to_owned(),
-        rule: rule.to_owned(),
-        attempts: 0,
-        first_ms: now_ms,
-        next_ms: now_ms,
-        last_attempt_ms: None,
-        last_error: None,
-        dead_reason: None,
-        dead_ms: None,
-    };
-    if decision.is_unrouted() {
-        let mut r = record(UNROUTED, UNROUTED);
-        r.dead_reason = Some("unrouted: no rule matched; replay once the rules route it".into());
-        r.dead_ms = Some(now_ms);
-        return vec![r];
-    }
-    decision
-        .routes
-        .iter()
-        .map(|route| {
-            let mut r = record(route.destination.name.as_str(), route.rule.name.as_str());
-            if let Err(e) = &route.url {
-                r.dead_reason = Some(format!("not forwarded: {e}"));
-                r.dead_ms = Some(now_ms);
-            }
-            r
-        })
-        .collect()
-}
-
-/// The records of a stored job routed again by `rules` (a replay with
-/// reroute); `None` when they route it nowhere.
-pub(crate) fn route_again(rules: &RuleSet, stored: &StoredJob, now_ms: u64) -> Option<Vec<Record>> {
-    let parsed = Job::from_bytes(&stored.body).ok()?;
-    let query = Query::new(stored.query.as_deref(), parsed.callback_url.as_deref());
-    let decision = rules.decide(Input {
-        job: &parsed,
-        query: &query,
-    });
-    if decision.is_unrouted() {
-        return None;
-    }
-    Some(records_for(&decision, &parsed.job_id, now_ms))
-}
-
-/// The HTTP request of a stored delivery under the rules in force: the
-/// destination's URL, filled in from the job's query, its headers and
-/// those of the rule that routed the job (if it still exists). `Err` is
-/// the dead letter's reason.
-pub(crate) fn request(
-    rules: &RuleSet,
-    destination: &Destination,
-    record: &Record,
-    job: StoredJob,
-) -> Result<Delivery, String> {
-    let url = if destination.url.is_templated() {
-        let parsed = Job::from_bytes(&job.body)
-            .map_err(|e| format!("not forwarded: the stored webhook does not parse: {e}"))?;
-        let query = Query::new(job.query.as_deref(), parsed.callback_url.as_deref());
-        destination.url.resolve(&query)
-    } else {
-        destination.url.resolve(&Query::default())
-    }
-    .map_err(|e| format!("not forwarded: {e}"))?;
-    let rule_headers = rules
-        .rule(&record.rule)
-        .map(|rule| rule.headers.as_slice())
-        .unwrap_or_default();
-    let signature = job
-        .signature
-        .as_ref()
-        .and_then(|s| http::HeaderValue::from_bytes(s).ok());
-    Ok(Delivery::build(
-        destination,
-        url,
-        destination.headers.iter().chain(rule_headers).cloned(),
-        &record.rule,
-        &record.job_id,
-        signature,
-        job.body,
-    ))
 }

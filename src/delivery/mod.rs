@@ -4,6 +4,7 @@
 pub mod attempt;
 pub mod backoff;
 pub mod client;
+pub mod follow;
 pub(crate) mod lane;
 pub mod lanes;
 pub mod origins;

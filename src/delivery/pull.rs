@@ -24,16 +24,16 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::delivery::attempt::{Attempts, Outcome};
+use crate::delivery::follow::{removed_reason, request, route_again, same_target};
 use crate::delivery::lane::instant_of;
-use crate::delivery::lanes::{removed_reason, request, route_again, same_target};
 use crate::delivery::origins::Origin;
 use crate::delivery::schedule::{Circuit, Gate, Next, RetryPolicy};
 use crate::metrics::Metrics;
-use crate::queue::embedded::{
-    Accepted, DeadFilter, NewJob, Quarantined, Record, StoredJob, unix_ms,
-};
 use crate::queue::nats::{NatsError, NatsQueue, Queued, decode, job_bytes};
-use crate::queue::{Queue, QueueError, ReplayReport};
+use crate::queue::{
+    Accepted, DeadFilter, NewJob, Quarantined, Queue, QueueError, Record, ReplayReport, StoredJob,
+    unix_ms,
+};
 use crate::rules::{RuleSet, UNROUTED};
 
 /// What handling a message may take beyond its attempt's timeout (keeping

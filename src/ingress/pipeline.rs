@@ -14,9 +14,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::delivery::attempt::{Attempts, Delivery, Outcome};
-use crate::delivery::lanes::records_for;
+use crate::delivery::follow::records_for;
 use crate::metrics::Metrics;
-use crate::queue::embedded::{Accepted, NewJob, StoredJob, unix_ms};
+use crate::queue::{Accepted, NewJob, StoredJob, unix_ms};
 use crate::queue::{Queue, QueueError};
 use crate::rules::{Decision, Input, RuleSet, UNROUTED};
 use crate::throttle::LogThrottle;

@@ -12,8 +12,8 @@ use warp::{Filter, Rejection, Reply};
 
 use crate::metrics::Metrics;
 use crate::ops::reload::{Reloaded, Reloader};
+use crate::queue::DeadFilter;
 use crate::queue::Queue;
-use crate::queue::embedded::DeadFilter;
 
 pub struct AdminState {
     pub metrics: Arc<Metrics>,

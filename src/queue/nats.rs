@@ -27,7 +27,7 @@ use std::collections::HashMap;
 use futures_util::TryStreamExt;
 
 use crate::config::NatsConfig;
-use crate::queue::embedded::{Accepted, DeadFilter, NewJob, Record, StoredJob};
+use crate::queue::{Accepted, DeadFilter, NewJob, Record, StoredJob};
 
 /// How long JetStream may take to acknowledge a publish before the
 /// webhook is refused (503), never left hanging.

@@ -5,8 +5,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use hookgate::config::NatsConfig;
-use hookgate::queue::embedded::{Accepted, NewJob, Record, StoredJob};
 use hookgate::queue::nats::NatsQueue;
+use hookgate::queue::{Accepted, NewJob, Record, StoredJob};
 
 use crate::support::*;
 
@@ -180,7 +180,7 @@ impl NatsCluster {
 }
 
 fn new_job(id: &str, destinations: &[&str]) -> NewJob {
-    let now = hookgate::queue::embedded::unix_ms();
+    let now = hookgate::queue::unix_ms();
     NewJob {
         job: StoredJob {
             job_id: id.to_owned(),

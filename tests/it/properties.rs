@@ -6,7 +6,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
-use hookgate::queue::embedded::{Accepted, NewJob, Record, Spool, StoredJob};
+use hookgate::queue::embedded::Spool;
+use hookgate::queue::{Accepted, NewJob, Record, StoredJob};
 use hookgate::rules::{Input, RuleSet};
 use hookgate::webhook::job::Job;
 use hookgate::webhook::query::Query;
