@@ -118,10 +118,6 @@ impl Lanes {
         Ok(dispatcher)
     }
 
-    pub fn spool(&self) -> &Spool {
-        &self.spool
-    }
-
     /// Resumes what the spool held at start-up.
     pub fn resume(self: &Arc<Self>, recovered: Recovered) {
         *self.dead.lock().unwrap_or_else(|p| p.into_inner()) = recovered.dead_by_destination;
