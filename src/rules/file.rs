@@ -389,8 +389,9 @@ fn backticked(message: &str) -> Option<&str> {
 }
 
 /// A table as `T`, or every problem with it: a key that is wrong is
-/// reported, taken out, and the rest read again (as the gateway file's
-/// keys are), so that one run names them all.
+/// reported, taken out (a required one replaced by its `filler` value, so
+/// that it is not reported again as missing), and the rest read again (as
+/// the gateway file's keys are), so that one run names them all.
 fn deserialize_all<T: serde::de::DeserializeOwned>(
     mut value: Value,
     filler: &[(&str, Value)],
@@ -403,10 +404,18 @@ fn deserialize_all<T: serde::de::DeserializeOwned>(
             Ok(_) => return Err(problems),
             Err(e) => e,
         };
-        let (key, message) = explain::<T>(&value, e.message(), filler, fallback);
-        let removed = value.as_table_mut().and_then(|t| t.remove(&key)).is_some();
-        problems.push((key, message));
-        if !removed || problems.len() >= 20 {
+        let (problem, culprit) = explain::<T>(&value, e.message(), filler, fallback);
+        problems.push(problem);
+        let taken_out = culprit
+            .zip(value.as_table_mut())
+            .is_some_and(|(key, table)| {
+                let found = table.remove(&key).is_some();
+                if let Some((_, fill)) = filler.iter().find(|(k, _)| *k == key) {
+                    table.insert(key, fill.clone());
+                }
+                found
+            });
+        if !taken_out || problems.len() >= 20 {
             return Err(problems);
         }
     }
@@ -426,24 +435,26 @@ fn unknown_key(message: &str) -> Option<Located> {
 }
 
 /// serde's message about a table that did not deserialize as `T`, in the
-/// words of [`crate::wording`], with the key it is about to find its line
-/// by (`fallback` when none is named). serde names the key of an unknown or
-/// missing field but not of a value of the wrong type: that key is found by
-/// deserializing each key alone (beside `filler`, values for the required
-/// fields) and keeping the one that fails the same way.
+/// words of [`crate::wording`], with the text to find its line by
+/// (`fallback` when no key is named), and the key at fault when there is
+/// one to take out. serde names the key of an unknown or missing field but
+/// not of a value of the wrong type: that key is found by deserializing
+/// each key alone (beside `filler`, values for the required fields) and
+/// keeping the one that fails the same way.
 fn explain<T: serde::de::DeserializeOwned>(
     value: &Value,
     message: &str,
     filler: &[(&str, Value)],
     fallback: &str,
-) -> Located {
+) -> (Located, Option<String>) {
     let message = message.trim();
     if let Some(unknown) = unknown_key(message) {
-        return unknown;
+        let key = unknown.0.clone();
+        return (unknown, Some(key));
     }
     if message.starts_with("missing field ") {
         let key = backticked(message).unwrap_or(fallback).to_owned();
-        return (fallback.to_owned(), format!("`{key}` is required"));
+        return ((fallback.to_owned(), format!("`{key}` is required")), None);
     }
     let culprit = value.as_table().and_then(|table| {
         table.iter().find_map(|(key, v)| {
@@ -460,8 +471,8 @@ fn explain<T: serde::de::DeserializeOwned>(
     });
     let plain = crate::wording::serde_message(message);
     match culprit {
-        Some(key) => (key.clone(), format!("{key}: {plain}")),
-        None => (fallback.to_owned(), plain),
+        Some(key) => ((key.clone(), format!("{key}: {plain}")), Some(key)),
+        None => ((fallback.to_owned(), plain), None),
     }
 }
 

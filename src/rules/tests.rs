@@ -389,3 +389,36 @@ fn an_undefined_destination_gets_the_closest_name() {
         }
     }
 }
+
+/// Every bad key of a table is one problem on its own line: a required key
+/// of the wrong type is not reported a second time as missing.
+#[test]
+fn every_bad_key_once_on_its_line() {
+    let text = r#"[destinations.a]
+url = 5
+retries = 3
+
+[[rules]]
+name = 7
+forward = ["a"]
+"#;
+    let problems = RuleSet::parse(text).unwrap_err();
+    let got: Vec<(usize, &str)> = problems
+        .iter()
+        .map(|p| (p.line, p.message.as_str()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (
+                2,
+                "destination \"a\": url: found the number 5, expected text in quotes"
+            ),
+            (3, "destination \"a\": unknown key retries"),
+            (
+                6,
+                "rule #1: name: found the number 7, expected text in quotes"
+            ),
+        ]
+    );
+}
