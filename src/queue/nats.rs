@@ -38,12 +38,8 @@ const PUBLISH_TIMEOUT: Duration = Duration::from_secs(2);
 pub enum NatsError {
     #[error("cannot connect to NATS: {0}")]
     Connect(String),
-    #[error("cannot set up the JetStream {what} {name}: {message}")]
-    Setup {
-        what: &'static str,
-        name: String,
-        message: String,
-    },
+    #[error("cannot set up the JetStream stream {name}: {message}")]
+    Setup { name: String, message: String },
     /// Set-up that no retry can fix (the configuration asks for what the
     /// server cannot do): start-up stops at once with this sentence.
     #[error("{0}")]
@@ -316,7 +312,8 @@ impl NatsQueue {
             PublishErrorKind::StreamNotFound => NatsError::NoLeader {
                 stream: stream.to_owned(),
             },
-            PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe => self.timed_out(stream),
+            PublishErrorKind::BrokenPipe => NatsError::Disconnected,
+            PublishErrorKind::TimedOut => self.timed_out(stream),
             _ => NatsError::Publish(e.to_string()),
         }
     }
@@ -459,26 +456,48 @@ async fn options(config: &NatsConfig) -> Result<async_nats::ConnectOptions, Nats
     Ok(options)
 }
 
-/// What a stream's creation was refused for, in one sentence: `Ok` for a
-/// refusal no retry can fix, `Err` for one that may pass (no leader yet, a
-/// timeout, too little storage for now). JetStream's own description is
-/// used once, without the client's repetition of it.
-fn setup_problem(e: &CreateStreamError, config: &NatsConfig) -> Result<String, String> {
+/// Why creating stream `name` failed, in one sentence: [`NatsError::Unsupported`]
+/// for a refusal no retry can fix, else [`NatsError::Setup`] (no leader
+/// yet, a timeout, too little storage for now; `asks` is the storage the
+/// stream asks for, named when that is what JetStream refused). JetStream's
+/// own description is used once, without the client's repetition of it.
+fn stream_failed(
+    name: &str,
+    e: &CreateStreamError,
+    config: &NatsConfig,
+    asks: Option<&str>,
+) -> NatsError {
     use async_nats::jetstream::ErrorCode;
-    match e.kind() {
+    let message = match e.kind() {
         CreateStreamErrorKind::JetStream(js)
             if js.error_code() == ErrorCode::STREAM_REPLICAS_NOT_SUPPORTED =>
         {
-            Ok(format!(
+            return NatsError::Unsupported(format!(
                 "spool.nats.replicas is {} but the NATS server at {} runs JetStream alone, not in a cluster: \
                  set spool.nats.replicas = 1, or run a cluster of 3 (deploy/nats/)",
                 config.replicas,
                 config.servers.join(", ")
-            ))
+            ));
         }
-        CreateStreamErrorKind::JetStream(js) => Err(js.to_string()),
-        CreateStreamErrorKind::TimedOut => Err("JetStream did not answer in time".to_owned()),
-        other => Err(other.to_string()),
+        CreateStreamErrorKind::JetStream(js)
+            if [
+                ErrorCode::STORAGE_RESOURCES_EXCEEDED,
+                ErrorCode::INSUFFICIENT_RESOURCES,
+            ]
+            .contains(&js.error_code()) =>
+        {
+            match asks {
+                Some(asks) => format!("{js} ({asks})"),
+                None => js.to_string(),
+            }
+        }
+        CreateStreamErrorKind::JetStream(js) => js.to_string(),
+        CreateStreamErrorKind::TimedOut => "JetStream did not answer in time".to_owned(),
+        other => other.to_string(),
+    };
+    NatsError::Setup {
+        name: name.to_owned(),
+        message,
     }
 }
 
@@ -491,15 +510,6 @@ async fn setup(
     max_bytes: u64,
     window: Duration,
 ) -> Result<stream::Stream, NatsError> {
-    let failed = |what: &'static str, name: &str, e: &dyn std::fmt::Display| NatsError::Setup {
-        what,
-        name: name.to_owned(),
-        message: e.to_string(),
-    };
-    let stream_failed = |name: &str, e: CreateStreamError| match setup_problem(&e, config) {
-        Ok(unsupported) => NatsError::Unsupported(unsupported),
-        Err(message) => failed("stream", name, &message),
-    };
     let deliveries = names.deliveries();
     let room = max_bytes.saturating_mul(4);
     js.create_or_update_stream(stream::Config {
@@ -525,19 +535,9 @@ async fn setup(
         ..Default::default()
     })
     .await
-    .map_err(|e| match stream_failed(&deliveries, e) {
-        NatsError::Setup {
-            what,
-            name,
-            message,
-        } if message.contains("insufficient") => NatsError::Setup {
-            what,
-            name,
-            message: format!(
-                "{message} (it asks for {room} bytes of storage: 4 x spool.max_bytes)"
-            ),
-        },
-        other => other,
+    .map_err(|e| {
+        let asks = format!("it asks for {room} bytes of storage: 4 x spool.max_bytes");
+        stream_failed(&deliveries, &e, config, Some(&asks))
     })?;
     let dead = names.dead();
     js.create_or_update_stream(stream::Config {
@@ -548,7 +548,7 @@ async fn setup(
         ..Default::default()
     })
     .await
-    .map_err(|e| stream_failed(&dead, e))?;
+    .map_err(|e| stream_failed(&dead, &e, config, None))?;
     let seen = names.seen();
     js.create_or_update_stream(stream::Config {
         name: seen.clone(),
@@ -561,10 +561,11 @@ async fn setup(
         ..Default::default()
     })
     .await
-    .map_err(|e| stream_failed(&seen, e))?;
-    js.get_stream(&seen)
-        .await
-        .map_err(|e| failed("stream", &seen, &e))
+    .map_err(|e| stream_failed(&seen, &e, config, None))?;
+    js.get_stream(&seen).await.map_err(|e| NatsError::Setup {
+        name: seen.clone(),
+        message: e.to_string(),
+    })
 }
 
 impl NatsQueue {
