@@ -1188,7 +1188,10 @@ async fn the_local_recipe_delivers_every_webhook_once() {
         );
     }
     // A re-sent job is a duplicate on either replica.
-    assert_eq!(b.post(&job("recipe-0", &[])).await.status(), 202);
+    let again = b.post(&job("recipe-0", &[])).await;
+    assert_eq!(again.status(), 202);
+    let answer: serde_json::Value = again.json().await.unwrap();
+    assert_eq!(answer["duplicate"], true, "{answer}");
     down.wait_for(N, Duration::from_secs(30)).await;
     eventually(
         Duration::from_secs(10),

@@ -380,6 +380,7 @@ forward = ["a"]
         .admin_token("reload-token")
         .start()
         .await;
+    let whole = gw.metrics().await.get("hookgate_config_hash", "");
     let load = SteadyLoad::start(&gw, "cut");
     let file = gw.dir().join("rules.toml");
     let mut rng = fastrand::Rng::with_seed(23);
@@ -402,6 +403,8 @@ forward = ["a"]
     gw.wait_for_metric("hookgate_config_last_reload_successful", "", 1.0)
         .await;
     let statuses = load.stop().await;
+    // What is in force is the whole file, not a prefix that was loaded.
+    assert_eq!(gw.metrics().await.get("hookgate_config_hash", ""), whole);
     let m = gw.metrics().await;
     assert_eq!(
         m.get("hookgate_jobs_routed_total", "rule=\"unrouted\""),
